@@ -1,0 +1,1164 @@
+"""Infrastructure shared by every script of the suite: data, architectures, checkpoints, runs,
+precision helpers and the per-epoch robustness monitor. No method logic lives here.
+
+Specification: shared/spec/common.md (section numbers below refer to it) and shared/spec/README.md.
+Every model takes inputs in [0,1]; a model that needs normalisation does it inside `forward`.
+Importing this module has no side effects.
+"""
+
+import argparse
+import contextlib
+import datetime
+import json
+import math
+import os
+import pickle
+import platform
+import random
+import sys
+import tempfile
+import time
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+# ======================================================================================
+# Errors and argument parsing
+# ======================================================================================
+
+def fail(msg):
+    """One-line error for the user, exit status 2 (the status argparse uses for bad flags)."""
+    print(f"error: {msg}", file=sys.stderr, flush=True)
+    raise SystemExit(2)
+
+
+def parse_float(text):
+    """'8/255', '0.031' or '2e-4' -> float; for argparse `type=`."""
+    try:
+        return float(Fraction(str(text).strip())) if "/" in str(text) else float(text)
+    except (ValueError, ZeroDivisionError):
+        raise argparse.ArgumentTypeError(f"not a number or fraction: {text!r}") from None
+
+
+def positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
+    return value
+
+
+def parser(description):
+    return argparse.ArgumentParser(description=description,
+                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+
+
+def add_run_args(p, *, monitor, eval_every=1, eval_all_from=None, eval_first=False, seed=0,
+                 test_batch_size=128):
+    """Infrastructure flags every training script shares (data, device, precision, run folder,
+    monitor schedule). Method hyperparameters stay in the method's own file."""
+    g = p.add_argument_group("data and run")
+    g.add_argument("--dataset", default="cifar10", choices=sorted(DATASETS), help="training and test data")
+    g.add_argument("--data-dir", default="./data",
+                   help="folder holding the standard layout (cifar-10-batches-py/, cifar-100-python/, "
+                        "train_32x32.mat); downloaded there through torchvision when absent")
+    g.add_argument("--train-subset", type=positive_int, default=None, help="use the first N training images (smoke runs)")
+    g.add_argument("--test-subset", type=positive_int, default=None, help="monitor on the first N test images (smoke runs)")
+    g.add_argument("--test-batch-size", type=positive_int, default=test_batch_size, help="batch size of the monitor")
+    g.add_argument("--seed", type=int, default=seed, help="seed of torch, numpy and random")
+    g.add_argument("--runs-dir", default="runs", help="parent folder of the run folder")
+    g.add_argument("--resume", default=None, metavar="LAST_PT",
+                   help="continue a killed run from its last.pt, in its run folder, with its saved flags")
+    g.add_argument("--unsafe-load", action="store_true",
+                   help="allow checkpoints that need pickle execution (torch.load(weights_only=False)); only for files you trust")
+    g = p.add_argument_group("speed and precision")
+    g.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
+    g.add_argument("--amp", default="off", choices=["off", "bf16"],
+                   help="bf16 autocast around network forwards only; attack iterates, losses and the monitor stay fp32")
+    g.add_argument("--channels-last", action="store_true", help="channels-last memory format for models and batches")
+    g.add_argument("--compile", action="store_true", help="torch.compile the trained model")
+    g.add_argument("--deterministic", action="store_true",
+                   help="deterministic cuDNN kernels and torch.use_deterministic_algorithms (slower)")
+    g.add_argument("--no-tf32", action="store_true", help="disable TF32 matmuls/convolutions during training")
+    g = p.add_argument_group("robustness monitor and checkpoint selection (common.md §7)")
+    g.add_argument("--monitor", default=monitor, choices=sorted(MONITORS),
+                   help="test-set attack that scores each monitored epoch; best.pt is its maximum")
+    g.add_argument("--eval-every", type=positive_int, default=eval_every, help="monitor at epochs divisible by N")
+    g.add_argument("--eval-all-from", type=positive_int, default=eval_all_from, help="and at every epoch >= E")
+    g.add_argument("--eval-first", action=argparse.BooleanOptionalAction, default=eval_first, help="and at epoch 1")
+    g.add_argument("--eval-last", action=argparse.BooleanOptionalAction, default=True, help="and at the final epoch")
+    return p
+
+
+def is_monitor_epoch(args, epoch):
+    return (epoch % args.eval_every == 0
+            or (args.eval_all_from is not None and epoch >= args.eval_all_from)
+            or (args.eval_first and epoch == 1)
+            or (args.eval_last and epoch == args.epochs))
+
+
+# ======================================================================================
+# Data (common.md §6)
+# ======================================================================================
+
+DATASETS = {"cifar10": 10, "cifar100": 100, "svhn": 10}
+
+NORMS = {  # common.md §2
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+}
+
+_CIFAR_FILES = {
+    "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], b"labels"),
+    "cifar100": ("cifar-100-python", ["train"], ["test"], b"fine_labels"),
+}
+
+
+def _read_cifar(dataset, root, train):
+    folder, train_files, test_files, label_key = _CIFAR_FILES[dataset]
+    files = [root / folder / f for f in (train_files if train else test_files)]
+    present = [f for f in files if f.is_file()]
+    if not present:
+        return None
+    if len(present) < len(files):
+        print(f"warning: {root / folder} lacks {', '.join(f.name for f in files if f not in present)}; "
+              "reading the files that are there", file=sys.stderr)
+    xs, ys = [], []
+    for f in present:
+        try:
+            with open(f, "rb") as fh:
+                entry = pickle.load(fh, encoding="bytes")
+            xs.append(np.asarray(entry[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+            ys.append(np.asarray(entry[label_key], dtype=np.int64))
+        except Exception as e:  # noqa: BLE001 - any unreadable file is the same user error
+            fail(f"cannot read {f} as a CIFAR pickle ({type(e).__name__}: {e})")
+    return torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys))
+
+
+def _read_svhn(root, train):
+    f = root / ("train_32x32.mat" if train else "test_32x32.mat")
+    if not f.is_file():
+        return None
+    try:
+        import scipy.io
+    except ImportError:
+        fail("reading SVHN needs scipy: pip install scipy")
+    m = scipy.io.loadmat(str(f))
+    x = np.ascontiguousarray(np.transpose(m["X"], (3, 2, 0, 1)), dtype=np.uint8)  # HWCN -> NCHW
+    y = m["y"].astype(np.int64).reshape(-1) % 10  # torchvision maps label 10 to 0
+    return torch.from_numpy(x), torch.from_numpy(y)
+
+
+def _download(dataset, root, train):
+    import torchvision
+    kind = {"cifar10": torchvision.datasets.CIFAR10, "cifar100": torchvision.datasets.CIFAR100,
+            "svhn": torchvision.datasets.SVHN}[dataset]
+    kwargs = {"split": "train" if train else "test"} if dataset == "svhn" else {"train": train}
+    kind(root=str(root), download=True, **kwargs)
+
+
+def load_split(dataset, data_dir, train, subset=None, download=True):
+    """The whole split as (uint8 [N,3,32,32], int64 [N]) on the CPU, read from the standard layout."""
+    if dataset not in DATASETS:
+        fail(f"unknown dataset {dataset!r}; choose from {', '.join(DATASETS)}")
+    root = Path(data_dir)
+    read = (lambda: _read_svhn(root, train)) if dataset == "svhn" else (lambda: _read_cifar(dataset, root, train))
+    data = read()
+    if data is None and download:
+        try:
+            _download(dataset, root, train)
+        except Exception as e:  # noqa: BLE001 - no network, read-only folder, ...
+            fail(f"{dataset} is not in {root} and the download failed ({type(e).__name__}); "
+                 "pass --data-dir pointing at a folder in the standard layout")
+        data = read()
+    if data is None:
+        fail(f"{dataset} {'train' if train else 'test'} split not found in {root}; "
+             "pass --data-dir pointing at a folder in the standard layout")
+    x, y = data
+    if subset is not None:
+        x, y = x[:subset], y[:subset]
+    return x, y
+
+
+def random_crop_flip(x, pad, flip):
+    """RandomCrop(32, padding=pad) with zero fill + RandomHorizontalFlip(0.5), per image, on x's device.
+
+    Offsets are independent and uniform in {0, ..., 2*pad} per axis (torchvision's get_params);
+    a flipped image reads its crop window right to left.
+    """
+    n, c, h, w = x.shape
+    dev = x.device
+    padded = F.pad(x, (pad, pad, pad, pad))
+    top = torch.randint(0, 2 * pad + 1, (n, 1), device=dev)
+    left = torch.randint(0, 2 * pad + 1, (n, 1), device=dev)
+    rows = top + torch.arange(h, device=dev)
+    cols = left + torch.arange(w, device=dev)
+    if flip:
+        flipped = torch.rand(n, 1, device=dev) < 0.5
+        cols = torch.where(flipped, cols.flip(1), cols)
+    return padded[torch.arange(n, device=dev)[:, None, None, None], torch.arange(c, device=dev)[None, :, None, None],
+                  rows[:, None, :, None], cols[:, None, None, :]]
+
+
+class DeviceLoader:
+    """The whole split resident on `device`; a fresh permutation and fresh augmentation each epoch.
+
+    Yields float32 batches in [0,1] and int64 labels. No worker processes and no host-to-device
+    copies inside the loop. `train=False` gives the split in order, unaugmented.
+    """
+
+    def __init__(self, x, y, batch_size, *, train, flip=True, pad=4, drop_last=False, device="cpu",
+                 channels_last=False):
+        self.x, self.y = x.to(device), y.to(device)
+        self.batch_size, self.train, self.flip, self.pad = batch_size, train, flip, pad
+        self.drop_last, self.device = drop_last, torch.device(device)
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+
+    def __len__(self):
+        n = len(self.y)
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    def __iter__(self):
+        n = len(self.y)
+        order = torch.randperm(n, device=self.device) if self.train else None
+        for b in range(len(self)):
+            sl = slice(b * self.batch_size, (b + 1) * self.batch_size)
+            idx = order[sl] if self.train else sl
+            x = self.x[idx]
+            if self.train:
+                x = random_crop_flip(x, self.pad, self.flip)
+            yield x.float().div_(255).contiguous(memory_format=self.memory_format), self.y[idx]
+
+
+def train_loader(args, batch_size, *, device, drop_last=False, pad=4):
+    """Training loader from the shared flags (SVHN is cropped, never flipped: common.md §6)."""
+    x, y = load_split(args.dataset, args.data_dir, train=True, subset=args.train_subset)
+    return DeviceLoader(x, y, batch_size, train=True, flip=args.dataset != "svhn", pad=pad, drop_last=drop_last,
+                        device=device, channels_last=args.channels_last)
+
+
+def test_loader(args, *, device, batch_size=None):
+    x, y = load_split(args.dataset, args.data_dir, train=False, subset=args.test_subset)
+    return DeviceLoader(x, y, batch_size or args.test_batch_size, train=False, device=device,
+                        channels_last=args.channels_last)
+
+
+# ======================================================================================
+# Architectures (common.md §1-2)
+# ======================================================================================
+
+def resolve_norm(norm):
+    """None/'none', 'cifar10', 'cifar100', a (mean, std) pair or {'mean', 'std'} -> None or (mean, std)."""
+    if norm is None or norm == "none":
+        return None
+    if isinstance(norm, str):
+        if norm not in NORMS:
+            raise ValueError(f"unknown norm {norm!r}; choose one of: none, {', '.join(NORMS)}, or a (mean, std) pair")
+        return NORMS[norm]
+    if isinstance(norm, dict) and set(norm) == {"mean", "std"}:
+        norm = (norm["mean"], norm["std"])
+    try:
+        mean, std = (tuple(float(v) for v in t) for t in norm)
+    except (TypeError, ValueError):
+        mean = std = ()
+    if not (len(mean) == len(std) == 3 and min(std) > 0):
+        raise ValueError(f"bad norm {norm!r}; choose one of: none, {', '.join(NORMS)}, "
+                         "or a (mean, std) pair of 3 floats each")
+    return mean, std
+
+
+class _Net(nn.Module):
+    """Holds `mean`/`std` as non-persistent buffers (None when the model does not normalise): common.md §2."""
+    stage_names = ()
+
+    def __init__(self, norm=None):
+        super().__init__()
+        norm = resolve_norm(norm)
+        self.norm = None if norm is None else {"mean": list(norm[0]), "std": list(norm[1])}
+        for name, v in zip(("mean", "std"), norm or (None, None)):
+            self.register_buffer(name, None if v is None else torch.tensor(v).view(1, 3, 1, 1), persistent=False)
+
+    def normalize(self, x):
+        return x if self.mean is None else (x - self.mean) / self.std
+
+
+def _conv3(cin, cout, stride=1):
+    return nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+
+
+def _proj(cin, cout, stride, bn=True):
+    """1x1 projection shortcut; keys `0.weight` (+ `1.*` with BN)."""
+    return nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), *([nn.BatchNorm2d(cout)] if bn else []))
+
+
+def _stage(block, cin, planes, n, stride, **kw):
+    """n blocks, the first with `stride` and `cin` inputs; returns (nn.Sequential, output channels)."""
+    cout = planes * getattr(block, "expansion", 1)
+    blocks = [block(cin if i == 0 else cout, planes, stride if i == 0 else 1, **kw) for i in range(n)]
+    return nn.Sequential(*blocks), cout
+
+
+class _Group(nn.Module):
+    """One nn.Sequential under the child name the checkpoints use (`layer`, `block`)."""
+
+    def __init__(self, child, seq):
+        super().__init__()
+        self.child = child
+        self.add_module(child, seq)
+
+    def forward(self, x):
+        return self._modules[self.child](x)
+
+
+# ---- ResNet-18/50/152 (§1.1) and ResNet-56 (§1.6) -------------------------------------------------
+
+class BasicBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, cin, planes, stride=1, proj="shortcut"):
+        super().__init__()
+        self.conv1, self.bn1 = _conv3(cin, planes, stride), nn.BatchNorm2d(planes)
+        self.conv2, self.bn2 = _conv3(planes, planes), nn.BatchNorm2d(planes)
+        self.proj = proj  # MTARD CifarResNet names it `downsample`
+        needs_proj = stride != 1 or cin != planes
+        self.add_module(proj, _proj(cin, planes, stride) if needs_proj else nn.Sequential())
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self._modules[self.proj](x))
+
+
+class Bottleneck(nn.Module):
+    expansion = 4
+
+    def __init__(self, cin, planes, stride=1):
+        super().__init__()
+        cout = 4 * planes
+        self.conv1, self.bn1 = nn.Conv2d(cin, planes, 1, bias=False), nn.BatchNorm2d(planes)
+        self.conv2, self.bn2 = _conv3(planes, planes, stride), nn.BatchNorm2d(planes)
+        self.conv3, self.bn3 = nn.Conv2d(planes, cout, 1, bias=False), nn.BatchNorm2d(cout)
+        self.shortcut = _proj(cin, cout, stride) if stride != 1 or cin != cout else nn.Sequential()
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = F.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class ResNet(_Net):
+    stage_names = ("layer1", "layer2", "layer3", "layer4")
+
+    def __init__(self, block, num_blocks, num_classes=10, norm=None):
+        super().__init__(norm)
+        self.conv1, self.bn1 = _conv3(3, 64), nn.BatchNorm2d(64)
+        c = 64
+        for i, (planes, n) in enumerate(zip((64, 128, 256, 512), num_blocks)):
+            stage, c = _stage(block, c, planes, n, 1 if i == 0 else 2)
+            self.add_module(f"layer{i + 1}", stage)
+        self.linear = nn.Linear(c, num_classes)
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(self.normalize(x))))
+        out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
+        return self.linear(F.avg_pool2d(out, 4).flatten(1))
+
+
+class CifarResNet(_Net):
+    """ResNet-56: MTARD cifar10_nat_teacher_models/resnet.py CifarResNet(BasicBlock, [9, 9, 9])."""
+    stage_names = ("layer1", "layer2", "layer3")
+
+    def __init__(self, num_classes=10, norm=None, num_blocks=(9, 9, 9)):
+        super().__init__(norm)
+        self.conv1, self.bn1 = _conv3(3, 16), nn.BatchNorm2d(16)
+        c = 16
+        for i, (planes, n) in enumerate(zip((16, 32, 64), num_blocks)):
+            stage, c = _stage(BasicBlock, c, planes, n, 1 if i == 0 else 2, proj="downsample")
+            self.add_module(f"layer{i + 1}", stage)
+        self.fc = nn.Linear(c, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(self.normalize(x))))
+        out = self.layer3(self.layer2(self.layer1(out)))
+        return self.fc(F.adaptive_avg_pool2d(out, 1).flatten(1))
+
+
+# ---- PreActResNet-18 (§1.2) -----------------------------------------------------------------------
+
+class PreActBlock(nn.Module):
+    def __init__(self, cin, planes, stride=1, shortcut_from="act"):
+        super().__init__()
+        self.bn1, self.conv1 = nn.BatchNorm2d(cin), _conv3(cin, planes, stride)
+        self.bn2, self.conv2 = nn.BatchNorm2d(planes), _conv3(planes, planes)
+        self.shortcut = _proj(cin, planes, stride, bn=False) if stride != 1 or cin != planes else None
+        self.shortcut_from = shortcut_from
+
+    def forward(self, x):
+        out = F.relu(self.bn1(x))
+        if self.shortcut is None:
+            sc = x
+        else:  # fast_adversarial CIFAR10/preact_resnet.py feeds x; IAD/ARD feed relu(bn1(x))
+            sc = self.shortcut(out if self.shortcut_from == "act" else x)
+        out = self.conv2(F.relu(self.bn2(self.conv1(out))))
+        return out + sc
+
+
+class PreActResNet18(_Net):
+    stage_names = ("layer1", "layer2", "layer3", "layer4")
+
+    def __init__(self, num_classes=10, norm=None, shortcut_from="act", final_bn=False):
+        super().__init__(norm)
+        if shortcut_from not in ("act", "input"):
+            raise ValueError(f"shortcut_from must be 'act' or 'input', got {shortcut_from!r}")
+        self.conv1 = _conv3(3, 64)
+        c = 64
+        for i, planes in enumerate((64, 128, 256, 512)):
+            stage, c = _stage(PreActBlock, c, planes, 2, 1 if i == 0 else 2, shortcut_from=shortcut_from)
+            self.add_module(f"layer{i + 1}", stage)
+        self.bn = nn.BatchNorm2d(c) if final_bn else None
+        self.linear = nn.Linear(c, num_classes)
+
+    def forward(self, x):
+        out = self.conv1(self.normalize(x))
+        out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
+        if self.bn is not None:
+            out = F.relu(self.bn(out))
+        return self.linear(F.avg_pool2d(out, 4).flatten(1))
+
+
+# ---- MobileNetV2, CIFAR variant (§1.3) ------------------------------------------------------------
+
+class MBBlock(nn.Module):
+    def __init__(self, cin, cout, stride, expansion):
+        super().__init__()
+        planes = expansion * cin
+        self.conv1, self.bn1 = nn.Conv2d(cin, planes, 1, bias=False), nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride, 1, groups=planes, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3, self.bn3 = nn.Conv2d(planes, cout, 1, bias=False), nn.BatchNorm2d(cout)
+        self.stride = stride
+        self.shortcut = _proj(cin, cout, 1) if stride == 1 and cin != cout else nn.Sequential()
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = F.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return out + self.shortcut(x) if self.stride == 1 else out
+
+
+class MobileNetV2(_Net):
+    # (expansion t, out c, repeats n, first stride s); second row stride 1 (ImageNet: 2)
+    cfg = ((1, 16, 1, 1), (6, 24, 2, 1), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1))
+    # last block at each spatial size: 24x32x32, 32x16x16, 96x8x8, 320x4x4
+    stage_names = ("layers.2", "layers.5", "layers.12", "layers.16")
+
+    def __init__(self, num_classes=10, norm=None):
+        super().__init__(norm)
+        self.conv1, self.bn1 = _conv3(3, 32), nn.BatchNorm2d(32)
+        blocks, c = [], 32
+        for t, cout, n, s in self.cfg:
+            stage, c = _stage(MBBlock, c, cout, n, s, expansion=t)
+            blocks += list(stage)
+        self.layers = nn.Sequential(*blocks)
+        self.conv2, self.bn2 = nn.Conv2d(320, 1280, 1, bias=False), nn.BatchNorm2d(1280)
+        self.linear = nn.Linear(1280, num_classes)
+
+    def forward(self, x):
+        out = self.layers(F.relu(self.bn1(self.conv1(self.normalize(x)))))
+        out = F.relu(self.bn2(self.conv2(out)))
+        return self.linear(F.avg_pool2d(out, 4).flatten(1))
+
+
+# ---- WideResNet-34-10, TRADES flavour (§1.4) ------------------------------------------------------
+
+class WideBlock(nn.Module):
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.bn1, self.conv1 = nn.BatchNorm2d(cin), _conv3(cin, cout, stride)
+        self.bn2, self.conv2 = nn.BatchNorm2d(cout), _conv3(cout, cout)
+        self.convShortcut = nn.Conv2d(cin, cout, 1, stride, bias=False) if cin != cout else None
+
+    def forward(self, x):
+        o = F.relu(self.bn1(x))
+        if self.convShortcut is not None:
+            x = o  # TRADES models/wideresnet.py: the activated input feeds the shortcut when in != out
+        o = self.conv2(F.relu(self.bn2(self.conv1(o))))
+        return (x if self.convShortcut is None else self.convShortcut(x)) + o
+
+
+class WideResNet(_Net):
+    stage_names = ("block1", "block2", "block3")
+
+    def __init__(self, num_classes=10, norm=None, depth=34, widen_factor=10, sub_block1=True):
+        super().__init__(norm)
+        if (depth - 4) % 6:
+            raise ValueError(f"WideResNet depth must be 6n+4, got {depth}")
+        n, w = (depth - 4) // 6, (16, 16 * widen_factor, 32 * widen_factor, 64 * widen_factor)
+        self.conv1 = _conv3(3, 16)
+        self.block1 = _Group("layer", _stage(WideBlock, w[0], w[1], n, 1)[0])
+        if sub_block1:  # TRADES models/wideresnet.py: sub_block1 is never called in forward
+            self.sub_block1 = _Group("layer", _stage(WideBlock, w[0], w[1], n, 1)[0])
+        self.block2 = _Group("layer", _stage(WideBlock, w[1], w[2], n, 2)[0])
+        self.block3 = _Group("layer", _stage(WideBlock, w[2], w[3], n, 2)[0])
+        self.bn1 = nn.BatchNorm2d(w[3])
+        self.fc = nn.Linear(w[3], num_classes)
+        for m in self.modules():  # TRADES models/wideresnet.py init
+            if isinstance(m, nn.Conv2d):
+                m.weight.data.normal_(0, math.sqrt(2.0 / (m.kernel_size[0] * m.kernel_size[1] * m.out_channels)))
+            elif isinstance(m, nn.BatchNorm2d):
+                m.weight.data.fill_(1)
+                m.bias.data.zero_()
+            elif isinstance(m, nn.Linear):
+                m.bias.data.zero_()
+
+    def forward(self, x):
+        out = self.conv1(self.normalize(x))
+        out = self.block3(self.block2(self.block1(out)))
+        out = F.relu(self.bn1(out))
+        return self.fc(F.avg_pool2d(out, 8).flatten(1))
+
+
+# ---- WideResNet, DeepMind flavour (§1.5) ----------------------------------------------------------
+
+_ACTIVATIONS = {"swish": F.silu, "relu": F.relu}
+
+
+class DMBlock(nn.Module):
+    def __init__(self, cin, cout, stride, activation="swish"):
+        super().__init__()
+        self.batchnorm_0 = nn.BatchNorm2d(cin)
+        self.conv_0 = nn.Conv2d(cin, cout, 3, stride, padding=0, bias=False)
+        self.batchnorm_1 = nn.BatchNorm2d(cout)
+        self.conv_1 = _conv3(cout, cout)
+        self.shortcut = nn.Conv2d(cin, cout, 1, stride, bias=False) if cin != cout else None
+        self.stride, self.act = stride, _ACTIVATIONS[activation]
+
+    def forward(self, x):
+        o = self.act(self.batchnorm_0(x))
+        if self.shortcut is not None:
+            x = o
+        # DeepMind model_zoo.py: manual TF "SAME" padding, right/bottom only at stride 2
+        o = F.pad(o, (1, 1, 1, 1) if self.stride == 1 else (0, 1, 0, 1))
+        o = self.conv_1(self.act(self.batchnorm_1(self.conv_0(o))))
+        return (x if self.shortcut is None else self.shortcut(x)) + o
+
+
+class DMWideResNet(_Net):
+    stage_names = ("layer.0", "layer.1", "layer.2")
+
+    def __init__(self, depth=28, width=10, num_classes=10, norm="cifar10", padding=0, activation="swish"):
+        super().__init__(norm)
+        if (depth - 4) % 6 or activation not in _ACTIVATIONS:
+            raise ValueError(f"DM WideResNet needs depth 6n+4 and activation in {', '.join(_ACTIVATIONS)}; "
+                             f"got {depth}, {activation!r}")
+        n, w = (depth - 4) // 6, (16, 16 * width, 32 * width, 64 * width)
+        self.padding = padding
+        self.init_conv = _conv3(3, 16)
+        self.layer = nn.Sequential(*[_Group("block", _stage(DMBlock, w[i], w[i + 1], n, 1 if i == 0 else 2,
+                                                           activation=activation)[0]) for i in range(3)])
+        self.batchnorm = nn.BatchNorm2d(w[3])
+        self.logits = nn.Linear(w[3], num_classes)
+        self.act = _ACTIVATIONS[activation]
+
+    def forward(self, x):
+        if self.padding > 0:  # DeepMind pads before normalising
+            x = F.pad(x, (self.padding,) * 4)
+        out = self.layer(self.init_conv(self.normalize(x)))
+        out = self.act(self.batchnorm(out))
+        return self.logits(F.avg_pool2d(out, 8).flatten(1))
+
+
+# ---- cnn_small: suite-only model for CPU demos and tests ------------------------------------------
+
+class SmallCNN(_Net):
+    """Three conv-BN-ReLU-maxpool stages and a linear head (~34k parameters): trains on 2 CPU cores."""
+    stage_names = ("layer1", "layer2", "layer3")
+
+    def __init__(self, num_classes=10, norm=None, widths=(16, 32, 64)):
+        super().__init__(norm)
+        c = 3
+        for i, w in enumerate(widths):
+            self.add_module(f"layer{i + 1}", nn.Sequential(_conv3(c, w), nn.BatchNorm2d(w), nn.ReLU(), nn.MaxPool2d(2)))
+            c = w
+        self.linear = nn.Linear(c * (32 >> len(widths)) ** 2, num_classes)
+
+    def forward(self, x):
+        out = self.layer3(self.layer2(self.layer1(self.normalize(x))))
+        return self.linear(out.flatten(1))
+
+
+# ---- registry -------------------------------------------------------------------------------------
+
+def _dm(depth, width):
+    return lambda **kw: DMWideResNet(depth, width, **kw)
+
+
+# name -> (constructor, switches with their defaults)
+_REGISTRY = {
+    "resnet18": (lambda **kw: ResNet(BasicBlock, (2, 2, 2, 2), **kw), {}),
+    "resnet50": (lambda **kw: ResNet(Bottleneck, (3, 4, 6, 3), **kw), {}),
+    "resnet152": (lambda **kw: ResNet(Bottleneck, (3, 8, 36, 3), **kw), {}),
+    "preact_resnet18": (PreActResNet18, {"shortcut_from": "act", "final_bn": False}),
+    "mobilenet_v2": (MobileNetV2, {}),
+    "wrn34_10": (WideResNet, {"depth": 34, "widen_factor": 10, "sub_block1": True}),
+    "dm_wrn70_16": (_dm(70, 16), {"padding": 0, "activation": "swish"}),
+    "dm_wrn28_10": (_dm(28, 10), {"padding": 0, "activation": "swish"}),
+    "dm_wrn34_20": (_dm(34, 20), {"padding": 0, "activation": "swish"}),
+    "dm_wrn22_6": (_dm(22, 6), {"padding": 0, "activation": "swish"}),
+    "resnet56": (CifarResNet, {}),
+    "cnn_small": (SmallCNN, {}),
+}
+ARCHS = tuple(_REGISTRY)
+
+
+def build_model(arch, num_classes=10, norm="default", **arch_kwargs):
+    """Suite architecture by name; norm 'default' = cifar10 for dm_wrn*, none otherwise (common.md §2)."""
+    if arch not in _REGISTRY:
+        raise ValueError(f"unknown architecture {arch!r}; choose one of: {', '.join(ARCHS)}")
+    ctor, defaults = _REGISTRY[arch]
+    unknown = sorted(set(arch_kwargs) - set(defaults))
+    if unknown:
+        raise ValueError(f"{arch} has no option {', '.join(unknown)}; its options: {', '.join(defaults) or 'none'}")
+    if norm == "default":
+        norm = "cifar10" if arch.startswith("dm_wrn") else None
+    kwargs = {**defaults, **arch_kwargs}
+    model = ctor(num_classes=num_classes, norm=norm, **kwargs)
+    model.arch, model.arch_kwargs, model.num_classes = arch, kwargs, num_classes
+    return model
+
+
+def stage_outputs(model, x, names=None):
+    """One forward of `model` on x; returns ([output of each module in `names`], logits).
+
+    `names` defaults to model.stage_names; any module path works (e.g. 'conv1')."""
+    root = getattr(model, "_orig_mod", model)  # torch.compile wrapper
+    names = tuple(root.stage_names if names is None else names)
+    feats, hooks = {}, []
+    try:
+        for name in names:
+            try:
+                module = root.get_submodule(name)
+            except AttributeError:
+                raise ValueError(f"{type(root).__name__} has no module {name!r}; "
+                                 f"its stages: {', '.join(root.stage_names)}") from None
+            hooks.append(module.register_forward_hook(lambda m, inp, out, name=name: feats.__setitem__(name, out)))
+        logits = model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return [feats[n] for n in names], logits
+
+
+# ======================================================================================
+# Checkpoints (common.md §3-5)
+# ======================================================================================
+
+def save_checkpoint(path, obj):
+    """Atomic write: a temp file in the same folder, then rename, so a crash never leaves half a file."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(obj, fh)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def load_checkpoint(path, unsafe=False):
+    """torch.load(weights_only=True); anything needing pickle execution is refused unless `unsafe`."""
+    path = Path(path)
+    if not path.is_file():
+        fail(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "unsupported global" not in str(e).lower():  # e.g. "Unsupported operand": not a pickle we know
+            fail(f"{path} is not a readable checkpoint (corrupt or truncated: {str(e).splitlines()[0]})")
+        if not unsafe:
+            fail(f"{path} needs pickle execution to load (it stores Python objects, not only tensors); "
+                 "pass --unsafe-load if you trust the file")
+    except Exception as e:  # noqa: BLE001 - zip/EOF/format errors all mean the same to the user
+        fail(f"{path} is not a readable checkpoint (corrupt or truncated: {type(e).__name__})")
+    print(f"warning: loading {path} with pickle execution (--unsafe-load)", file=sys.stderr)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001
+        fail(f"{path} is not a readable checkpoint ({type(e).__name__}: {e})")
+
+
+def checkpoint_dict(model, *, kind, epoch, dataset, args, metrics=None, select=None, optimizer=None,
+                    extra=None):
+    """The suite's own checkpoint format (common.md §5): tensors and primitives only."""
+    model = unwrap_model(model)  # no _orig_mod. prefix from torch.compile
+    ckpt = {
+        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "arch": model.arch, "arch_kwargs": dict(model.arch_kwargs), "num_classes": model.num_classes,
+        "dataset": dataset, "norm": model.norm, "epoch": epoch, "kind": kind, "select": select,
+        "metrics": metrics or {}, "args": args,
+    }
+    if optimizer is not None:
+        ckpt["optimizer"] = optimizer.state_dict()
+    if extra is not None:
+        ckpt["extra"] = extra
+    return ckpt
+
+
+def _is_state_dict(obj):
+    return isinstance(obj, dict) and len(obj) > 0 and all(isinstance(v, torch.Tensor) for v in obj.values())
+
+
+def _unwrap(obj):
+    """Container key and state_dict of a file met in the wild (common.md §4 step 2)."""
+    if _is_state_dict(obj):
+        return None, obj
+    if isinstance(obj, dict):
+        for key in ("model", "state_dict", "net", "student", "last"):
+            if _is_state_dict(obj.get(key)):
+                return key, obj[key]
+    return None, None
+
+
+def _strip_prefixes(sd, allow_model_prefix):
+    """Strip prefixes shared by *every* key, repeatedly (common.md §4 step 3); never substrings."""
+    stripped = []
+    while True:
+        for p in ("module.", "_orig_mod.") + (("model.",) if allow_model_prefix else ()):
+            if all(k.startswith(p) for k in sd):
+                sd = {k[len(p):]: v for k, v in sd.items()}
+                stripped.append(p)
+                break
+        else:
+            return sd, stripped
+
+
+def _head_width(model, sd):
+    """Number of classes a state_dict was trained for: rows of the model's last Linear weight."""
+    name = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][-1]
+    w = sd.get(f"{name}.weight")
+    return None if w is None else w.shape[0]
+
+
+def load_model(path, arch=None, num_classes=None, norm="auto", device="cpu", unsafe=False, arch_kwargs=None,
+               arch_flag="--arch", default_arch=None):
+    """Build and strictly load any checkpoint the suite meets (common.md §4).
+
+    Returns the model in eval() mode on `device` and a dict saying what was done. The suite's own
+    checkpoints say their architecture; other files take `arch`, else `default_arch`. `norm='auto'`
+    takes the suite checkpoint's recorded normalisation, else the architecture's default.
+    """
+    obj = load_checkpoint(path, unsafe)
+    suite = isinstance(obj, dict) and isinstance(obj.get("arch"), str) and _is_state_dict(obj.get("model"))
+    if suite:
+        if arch is not None and arch != obj["arch"]:
+            fail(f"{path} holds a {obj['arch']}, not a {arch}; drop {arch_flag} or pass {arch_flag} {obj['arch']}")
+        arch, container, sd = obj["arch"], "model", obj["model"]
+        arch_kwargs = {**obj.get("arch_kwargs", {}), **(arch_kwargs or {})}
+        if norm == "auto":
+            norm = None if obj.get("norm") is None else (tuple(obj["norm"]["mean"]), tuple(obj["norm"]["std"]))
+    else:
+        container, sd = _unwrap(obj)
+        if sd is None:
+            fail(f"{path} holds no state_dict (looked for a dict of tensors, or one under "
+                 "'model', 'state_dict', 'net', 'student', 'last')")
+        arch = arch or default_arch
+        if arch is None:
+            fail(f"{path} does not say which architecture it holds; pass {arch_flag} (one of {', '.join(ARCHS)})")
+        arch_kwargs = dict(arch_kwargs or {})
+        if norm == "auto":
+            norm = "default"
+    if arch not in ARCHS:
+        fail(f"unknown architecture {arch!r}; choose from {', '.join(ARCHS)}")
+    try:
+        with torch.device("meta"):  # module names only, no memory
+            skeleton = build_model(arch, 10, None, **arch_kwargs)
+    except ValueError as e:
+        fail(str(e))
+    sd, stripped = _strip_prefixes(dict(sd), allow_model_prefix=not hasattr(skeleton, "model"))
+    arch_kwargs = _detect_switches(arch, sd, arch_kwargs)
+    found = _head_width(skeleton, sd)
+    if num_classes is not None and found is not None and found != num_classes:
+        fail(f"{path} has a {found}-class head but this run needs {num_classes} classes (check --dataset)")
+    num_classes = num_classes or found or 10
+    try:
+        model = build_model(arch, num_classes, norm, **arch_kwargs)
+    except ValueError as e:
+        fail(str(e))
+    missing, unexpected = _key_mismatch(model, sd)
+    if missing or unexpected:
+        fail(f"{path} does not match {arch} {arch_kwargs or ''}: missing keys {missing[:10]}, "
+             f"unexpected keys {unexpected[:10]}")
+    try:
+        model.load_state_dict(sd, strict=True)
+    except RuntimeError as e:
+        sizes = [ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln]
+        fail(f"{path} does not match {arch}: {'; '.join(sizes[:3]) or str(e).splitlines()[0]}")
+    info = {"path": str(path), "suite": suite, "container": container, "prefixes": stripped, "arch": arch,
+            "arch_kwargs": dict(model.arch_kwargs), "num_classes": num_classes, "norm": model.norm}
+    return model.to(device).eval(), info
+
+
+def norm_name(norm):
+    """'none', 'cifar10', 'cifar100' or 'custom' for a model's `norm` attribute."""
+    if norm is None:
+        return "none"
+    pair = (tuple(norm["mean"]), tuple(norm["std"]))
+    return next((name for name, value in NORMS.items() if value == pair), "custom")
+
+
+def load_teacher(args, device, default_arch, prefix="teacher"):
+    """Load, freeze (README.md "Teachers") and place the model of `--<prefix>`; records the
+    architecture and normalisation actually used in args.<prefix>_arch / args.<prefix>_norm."""
+    flag = prefix.replace("_", "-")
+    norm = getattr(args, f"{prefix}_norm")
+    norm = "auto" if norm is None else (None if norm == "none" else norm)
+    model, info = load_model(getattr(args, prefix), arch=getattr(args, f"{prefix}_arch"),
+                             num_classes=DATASETS[args.dataset], norm=norm, device=device, unsafe=args.unsafe_load,
+                             arch_flag=f"--{flag}-arch", default_arch=default_arch)
+    setattr(args, f"{prefix}_arch", info["arch"])
+    setattr(args, f"{prefix}_norm", norm_name(info["norm"]))
+    print(f"{prefix}: {info['path']} -> {info['arch']} {info['arch_kwargs'] or ''} norm {norm_name(info['norm'])}"
+          f" (container {info['container']}, stripped {info['prefixes'] or 'nothing'})", flush=True)
+    model = freeze(model)
+    return prepare_model(model, args, device), info
+
+
+def _detect_switches(arch, sd, arch_kwargs):
+    """Constructor switches that keys reveal (common.md §4 step 4); explicit ones win."""
+    kw = dict(arch_kwargs)
+    if arch == "wrn34_10":
+        kw.setdefault("sub_block1", any(k.startswith("sub_block1.") for k in sd))
+    if arch == "preact_resnet18":
+        kw.setdefault("final_bn", any(k.startswith("bn.") for k in sd))
+    return kw
+
+
+def _key_mismatch(model, sd):
+    # BatchNorm accepts a missing num_batches_tracked (old checkpoints), as load_state_dict does
+    want = set(model.state_dict())
+    missing = sorted(k for k in want - set(sd) if not k.endswith("num_batches_tracked"))
+    return missing, sorted(set(sd) - want)
+
+
+# ======================================================================================
+# Runs: seeding, device and precision, run folder, metrics, resume
+# ======================================================================================
+
+def seed_everything(seed, deterministic=False):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+    if deterministic:
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    else:
+        torch.backends.cudnn.benchmark = True
+
+
+def setup_device(args):
+    """Device from --device, TF32 from --no-tf32; called once in main()."""
+    name = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        fail(f"--device {name} asked for, but CUDA is not available; use --device cpu")
+    tf32 = not args.no_tf32
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
+    return torch.device(name)
+
+
+def autocast(amp, device):
+    """bf16 autocast around network forwards when --amp bf16; a no-op context otherwise."""
+    return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=amp == "bf16")
+
+
+def prepare_model(model, args, device):
+    """Device, --channels-last and --compile for a freshly built or loaded model."""
+    model = model.to(device)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if args.compile:
+        model = torch.compile(model)
+    return model
+
+
+def freeze(model):
+    """A teacher: eval() once, no parameter gradients (shared/spec/README.md "Teachers")."""
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def unwrap_model(model):
+    return getattr(model, "_orig_mod", model)
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)
+
+
+def _rng_state():
+    state = {"cpu": torch.get_rng_state(), "numpy": torch.from_numpy(
+        np.frombuffer(pickle.dumps(np.random.get_state()), dtype=np.uint8).copy())}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state):
+    torch.set_rng_state(state["cpu"])
+    np.random.set_state(pickle.loads(state["numpy"].numpy().tobytes()))  # noqa: S301 - our own bytes
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Run:
+    """Run folder `runs/<script>__<dataset>__<arch>__s<seed>__<time>/` with args.json, metrics.jsonl,
+    last.pt and best.pt; per-epoch progress line; exact resume from last.pt.
+
+    Usage: `run = Run(script, args, arch)` (may replace args by the resumed run's),
+    `start = run.begin(model, optimizer)` just before the loop, `run.end_epoch(...)` after each epoch.
+    """
+
+    RESUME_MAY_CHANGE = ("resume", "device", "epochs", "data_dir", "runs_dir", "unsafe_load")
+
+    def __init__(self, script, args, arch, parser, may_change=()):
+        self.script, self.resumed = script, None
+        if args.resume:
+            self.resumed = load_checkpoint(args.resume, unsafe=False)
+            if not isinstance(self.resumed, dict) or self.resumed.get("kind") != "last" or "optimizer" not in self.resumed:
+                fail(f"{args.resume} is not a last.pt written by this suite; --resume needs one")
+            saved = self.resumed["args"]
+            if saved.get("script") not in (None, script):
+                fail(f"{args.resume} was written by {saved.get('script')}.py, not {script}.py")
+            keep = set(self.RESUME_MAY_CHANGE) | set(may_change)
+            given, defaults = vars(args), {a.dest: a.default for a in parser._actions}
+            changed = [k for k, v in given.items()
+                       if k not in keep and k in saved and v != defaults.get(k) and _jsonable(v) != saved[k]]
+            if changed:
+                fail(f"--resume continues the saved run; these flags differ from it: "
+                     f"{', '.join('--' + k.replace('_', '-') for k in changed)}")
+            for k, v in saved.items():
+                if k not in keep and k in given:
+                    setattr(args, k, v)
+            self.dir = Path(args.resume).resolve().parent
+        else:
+            stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+            base = Path(args.runs_dir) / f"{script}__{args.dataset}__{arch}__s{args.seed}__{stamp}"
+            self.dir, i = base, 1
+            while self.dir.exists():
+                i += 1
+                self.dir = base.with_name(f"{base.name}-{i}")
+            self.dir.mkdir(parents=True)
+        self.args = args
+        self.best = {"value": None, "epoch": None}
+        self.epoch_seconds = []
+        print(f"run folder: {self.dir}", flush=True)
+
+    def begin(self, model, optimizer, extra=None):
+        """Call just before the epoch loop, once every flag is final: writes args.json, or loads the
+        resumed state into model, optimizer and `extra`. Returns the first epoch to run (1-indexed)."""
+        self.args_json = {"script": self.script, **_jsonable(vars(self.args))}
+        if not self.resumed:
+            text = json.dumps({**self.args_json, "env": environment()}, indent=2)
+            (self.dir / "args.json").write_text(text + "\n")
+            return 1
+        ck = self.resumed
+        unwrap_model(model).load_state_dict(ck["model"])
+        optimizer.load_state_dict(ck["optimizer"])
+        if extra is not None:
+            extra.update(ck.get("extra", {}))
+        sel = ck.get("select") or {}
+        self.best = {"value": sel.get("best_value"), "epoch": sel.get("best_epoch")}
+        epoch = ck["epoch"]
+        metrics = self.dir / "metrics.jsonl"  # drop lines of epochs after the checkpoint
+        if metrics.exists():
+            lines = [ln for ln in metrics.read_text().splitlines() if ln and json.loads(ln).get("epoch", 0) <= epoch]
+            metrics.write_text("".join(ln + "\n" for ln in lines))
+        _set_rng_state(ck["rng"])
+        print(f"resumed {self.dir.name} after epoch {epoch}", flush=True)
+        return epoch + 1
+
+    def log(self, record):
+        with open(self.dir / "metrics.jsonl", "a") as fh:
+            fh.write(json.dumps(_jsonable(record)) + "\n")
+
+    def end_epoch(self, epoch, metrics, model, optimizer, *, value=None, extra=None, images=None,
+                  seconds=None, total_epochs=None):
+        """Log the epoch, update best.pt (highest `value`, ties keep the earlier epoch), write last.pt."""
+        args = self.args
+        total_epochs = total_epochs or args.epochs
+        record = {"epoch": epoch, **metrics}
+        if seconds is not None:
+            self.epoch_seconds.append(seconds)
+            record["seconds"] = round(seconds, 3)
+            if images:
+                record["images_per_s"] = round(images / seconds, 1)
+        new_best = value is not None and (self.best["value"] is None or value > self.best["value"])
+        if new_best:
+            self.best = {"value": value, "epoch": epoch}
+        record["best_epoch"], record["best_value"] = self.best["epoch"], self.best["value"]
+        self.log(record)
+        m = unwrap_model(model)
+        select = {"monitor": args.monitor, "value": value, "epoch": epoch}
+        if new_best:
+            save_checkpoint(self.dir / "best.pt", checkpoint_dict(
+                m, kind="best", epoch=epoch, dataset=args.dataset, args=self.args_json, metrics=record,
+                select=select))
+            print(f"  best.pt <- epoch {epoch} ({args.monitor} {100 * value:.2f}%); selected on the test set, "
+                  "as the papers do, not good practice", flush=True)
+        last_select = {**select, "best_value": self.best["value"], "best_epoch": self.best["epoch"]}
+        ck = checkpoint_dict(m, kind="last", epoch=epoch, dataset=args.dataset, args=self.args_json,
+                             metrics=record, select=last_select, optimizer=optimizer, extra=extra)
+        ck["rng"] = _rng_state()
+        save_checkpoint(self.dir / "last.pt", ck)
+        print(self._progress(record, total_epochs), flush=True)
+        return record
+
+    def _progress(self, r, total):
+        parts = [f"epoch {r['epoch']}/{total}"]
+        for k, v in r.items():
+            if k in ("epoch", "seconds", "images_per_s", "best_epoch", "best_value") or v is None:
+                continue
+            if isinstance(v, float):
+                parts.append(f"{k} {100 * v:.2f}" if k.endswith(("clean", "robust")) else f"{k} {v:.4g}")
+        if "images_per_s" in r:
+            parts.append(f"{r['images_per_s']:.0f} img/s")
+        if self.epoch_seconds:
+            eta = sum(self.epoch_seconds) / len(self.epoch_seconds) * (total - r["epoch"])
+            parts.append(f"{r['seconds']:.1f}s ETA {datetime.timedelta(seconds=round(eta))}")
+        return "  ".join(parts)
+
+
+def measure_teacher(run, teacher, test_data, cfg, prefix="teacher"):
+    """Clean and monitor accuracy of a frozen teacher, once, before training (README.md "Teachers");
+    logged as epoch 0 under `<prefix>/...` so that a wrong checkpoint or normalisation shows at once."""
+    m = monitor(teacher, test_data, cfg)
+    record = {f"{prefix}/clean": m["clean"], f"{prefix}/robust": m["robust"]}
+    run.log({"epoch": 0, **record})
+    robust = "" if m["robust"] is None else f", {run.args.monitor} {100 * m['robust']:.2f}%"
+    print(f"{prefix}: clean {100 * m['clean']:.2f}%{robust} on {len(test_data.y)} test images", flush=True)
+    return record
+
+
+class EpochTimer:
+    """Wall time of an epoch, synchronising CUDA so that queued kernels are counted."""
+
+    def __init__(self, device):
+        self.device = torch.device(device)
+
+    def __enter__(self):
+        self._sync()
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self._sync()
+        self.seconds = time.perf_counter() - self.start
+
+    def _sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+def environment():
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version() if torch.cuda.is_available() else None,
+            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
+            "host": platform.node(), "date": datetime.datetime.now().isoformat(timespec="seconds")}
+
+
+# ======================================================================================
+# The per-epoch robustness monitor (common.md §7)
+# ======================================================================================
+
+MONITORS = {
+    # ARD/IAD AttackPGD in eval()
+    "pgd10-ard": dict(eps=8 / 255, steps=10, step=2 / 255, start="uniform", loss="ce_sum"),
+    # RSLAD/MTARD rslad_loss.py attack_pgd; TRADES and Madry recipes
+    "pgd20-monitor": dict(eps=8 / 255, steps=20, step=0.003, start="uniform-clamp", loss="ce_mean"),
+    # IAD attack_generator.PGD, category "Madry"
+    "pgd10-madry": dict(eps=8 / 255, steps=10, step=2 / 255, start="uniform-clamp", loss="ce_mean"),
+    # ARDIR and its teachers (D-ARDIR-6); step 1/255 on SVHN
+    "pgd20-sat": dict(eps=8 / 255, steps=20, step=2 / 255, start="uniform-clamp", loss="ce_mean"),
+    # TRADES pgd_attack_cifar10.py, used by ADT/AODT
+    "fgsm20-trades": dict(eps=0.031, steps=20, step=0.003, start="uniform", loss="ce_mean"),
+    "clean": None,
+}
+
+
+def monitor_config(name, dataset):
+    cfg = MONITORS[name]
+    if cfg is not None and name == "pgd20-sat" and dataset == "svhn":
+        cfg = {**cfg, "step": 1 / 255}
+    return cfg
+
+
+@contextlib.contextmanager
+def fp32_eval(model):
+    """eval() mode, frozen parameters, TF32 off, autocast off; everything restored on exit."""
+    was_training = model.training
+    grads = [p.requires_grad for p in model.parameters()]
+    tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    model.eval()
+    model.requires_grad_(False)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        with torch.autocast(device_type="cuda", enabled=False), torch.autocast(device_type="cpu", enabled=False):
+            yield model
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+        for p, g in zip(model.parameters(), grads):
+            p.requires_grad_(g)
+        model.train(was_training)
+
+
+def _monitor_pgd(model, x, y, eps, steps, step, start, loss):
+    """PGD of shared/spec/README.md: sign step, project to the eps-ball, clamp to [0,1]; last iterate."""
+    x_adv = x + torch.empty_like(x).uniform_(-eps, eps)
+    if start == "uniform-clamp":
+        x_adv = x_adv.clamp(0, 1)
+    reduction = "sum" if loss == "ce_sum" else "mean"
+    for _ in range(steps):
+        x_adv.requires_grad_(True)
+        grad, = torch.autograd.grad(F.cross_entropy(model(x_adv), y, reduction=reduction), x_adv)
+        x_adv = x_adv.detach() + step * grad.sign()
+        x_adv = torch.min(torch.max(x_adv, x - eps), x + eps).clamp(0, 1)
+    return x_adv
+
+
+def monitor(model, loader, cfg):
+    """Clean and robust test accuracy (fractions of all points), fp32, eval() mode; cfg None = clean only."""
+    n = clean = robust = 0
+    with fp32_eval(model):
+        for x, y in loader:
+            with torch.no_grad():
+                clean += (model(x).argmax(1) == y).sum()
+            if cfg is not None:
+                x_adv = _monitor_pgd(model, x, y, **cfg)
+                with torch.no_grad():
+                    robust += (model(x_adv).argmax(1) == y).sum()
+            n += len(y)
+    return {"clean": float(clean) / n, "robust": float(robust) / n if cfg is not None else None}

@@ -1,0 +1,241 @@
+"""Teachers and baseline rows: natural training, SAT (PGD-AT) and TRADES, as their official code runs them.
+
+Specification: shared/spec/teachers.md. Each `--recipe` reproduces one official code path:
+
+| recipe          | source                                               | reproduces                                   |
+|-----------------|------------------------------------------------------|----------------------------------------------|
+| natural-rslad   | RSLAD §4.1 (no code)                                 | Natural rows of RSLAD Tables 3-4, MTARD T. 2 |
+| natural-iad     | ZFancy/IAD:pre_train/ST.py@a8091a8                   | IAD-II / AKD² standard teacher T_st          |
+| natural-ardir   | natural-iad + PreActResNet-18, wd 5e-4 (D-TEACH-5)   | ARDIR clean teacher                          |
+| sat-madry       | MadryLab/cifar10_challenge@f15682d, ported           | SAT rows of RSLAD Tables 3-4, MTARD Table 2  |
+| sat-iad         | ZFancy/IAD:pre_train/AT.py@a8091a8                   | IAD's AT teacher; black-box surrogate        |
+| sat-ardir       | ARDIR §4.1 + IAD's AT script (D-TEACH-5)             | ARDIR SAT teacher: 80.94 / 52.29 (C-10)      |
+| trades          | yaodongyu/TRADES:trades.py@6e8e11b                   | TRADES rows of RSLAD Tables 3-4 (β = 6)      |
+| trades-iad      | TRADES loss + IAD's settings (D-TEACH-4)             | IAD Table 2 TRADES rows                      |
+
+Headline commands:
+    python train_teacher.py --recipe trades --arch resnet18          # RSLAD Table 3 TRADES ResNet-18: 81.93 clean / 49.23 AA
+    python train_teacher.py --recipe sat-madry --arch resnet18       # RSLAD Table 3 SAT ResNet-18: 83.38 clean / 45.83 AA
+    python train_teacher.py --recipe sat-iad --arch resnet18         # IAD's AT teacher: 83.06 clean / 46.70 AA
+Smoke run on CPU:
+    python train_teacher.py --recipe sat-iad --arch cnn_small --epochs 2 --train-subset 512 --test-subset 128
+"""
+
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+
+import common
+
+# Every default a recipe sets (teachers.md §1). Milestones: lr is multiplied by 0.1 *after* each
+# listed epoch (iteration for sat-madry), so [74, 89] means 1-74: 0.1, 75-89: 0.01, 90-: 0.001.
+RECIPES = {
+    "natural-rslad": dict(kind="natural", arch="resnet18", epochs=100, batch_size=128, lr=0.1, wd=2e-4,
+                          lr_milestones=[74, 89], monitor="clean", seed=0),
+    "natural-iad": dict(kind="natural", arch="resnet18", epochs=200, batch_size=128, lr=0.1, wd=2e-4,
+                        lr_milestones=[99, 149], monitor="clean", seed=1),
+    "natural-ardir": dict(kind="natural", arch="preact_resnet18", epochs=200, batch_size=128, lr=0.1, wd=5e-4,
+                          lr_milestones=[99, 149], monitor="clean", seed=1),
+    # Madry config.json: 80k iterations, boundaries 40k/60k, pad 2, remainder dropped, wd on DW only,
+    # train-mode BN in the attack, CE summed over the batch in pgd_attack.py
+    "sat-madry": dict(kind="sat", arch="resnet18", iterations=80000, batch_size=128, lr=0.1, wd=2e-4,
+                      lr_milestones=[40000, 60000], pad=2, eps=8 / 255, attack_step=2 / 255, attack_steps=10,
+                      rand_start="uniform-clamp", attack_bn="train", attack_loss="ce_sum", wd_scope="weights",
+                      monitor="pgd20-monitor", seed=0),
+    "sat-iad": dict(kind="sat", arch="resnet18", epochs=200, batch_size=128, lr=0.1, wd=2e-4,
+                    lr_milestones=[99, 149], eps=8 / 255, attack_step=2 / 255, attack_steps=10,
+                    rand_start="uniform-clamp", attack_bn="eval", attack_loss="ce_mean", monitor="pgd10-madry",
+                    seed=1),
+    "sat-ardir": dict(kind="sat", arch="preact_resnet18", epochs=200, batch_size=128, lr=0.1, wd=5e-4,
+                      lr_milestones=[99, 149], eps=8 / 255, attack_step=2 / 255, attack_steps=10,
+                      rand_start="uniform-clamp", attack_bn="eval", attack_loss="ce_mean", monitor="pgd20-sat",
+                      seed=1),
+    # train_trades_cifar10.py: 76 epochs, adjust_learning_rate decays from epochs 75, 90, 100
+    "trades": dict(kind="trades", arch="wrn34_10", epochs=76, batch_size=128, lr=0.1, wd=2e-4,
+                   lr_milestones=[74, 89, 99], eps=0.031, attack_step=0.007, attack_steps=10, beta=6.0,
+                   rand_start="normal001", attack_bn="eval", monitor="pgd20-monitor", seed=1),
+    "trades-iad": dict(kind="trades", arch="resnet18", epochs=200, batch_size=128, lr=0.1, wd=2e-4,
+                       lr_milestones=[99, 149], eps=8 / 255, attack_step=2 / 255, attack_steps=10, beta=6.0,
+                       rand_start="normal001", attack_bn="eval", monitor="pgd10-madry", seed=1),
+}
+COMMON_DEFAULTS = dict(pad=4, wd_scope="all", momentum=0.9, attack_loss=None, iterations=None, epochs=None)
+
+
+def parse_args(argv=None):
+    p = common.parser("Natural training, SAT and TRADES teachers and baselines (shared/spec/teachers.md)")
+    p.add_argument("--recipe", required=True, choices=sorted(RECIPES), help="official code path to reproduce (teachers.md §1)")
+    g = p.add_argument_group("overrides (default: the recipe's value, teachers.md §1.9)")
+    g.add_argument("--arch", choices=common.ARCHS, help="architecture")
+    g.add_argument("--norm", choices=["none", "cifar10", "cifar100"], help="normalisation inside the model (common.md §2)")
+    g.add_argument("--epochs", type=common.positive_int, help="epochs (passes over the data for sat-madry)")
+    g.add_argument("--iterations", type=common.positive_int, help="sat-madry: training iterations (Madry max_num_training_steps)")
+    g.add_argument("--batch-size", type=common.positive_int, help="training batch size")
+    g.add_argument("--lr", type=common.parse_float, help="initial SGD learning rate")
+    g.add_argument("--wd", type=common.parse_float, help="SGD weight decay (sat-madry: on conv and linear weights only)")
+    g.add_argument("--lr-milestones", type=common.positive_int, nargs="*",
+                   help="multiply lr by 0.1 after each of these epochs (iterations for sat-madry)")
+    g.add_argument("--eps", type=common.parse_float, help="L-inf radius of the training attack")
+    g.add_argument("--attack-step", type=common.parse_float, help="step size of the training attack")
+    g.add_argument("--attack-steps", type=common.positive_int, help="steps of the training attack")
+    g.add_argument("--rand-start", choices=["uniform", "uniform-clamp", "normal001", "none"],
+                   help="random start of the training attack (shared/spec/README.md)")
+    g.add_argument("--attack-bn", choices=["train", "eval"], help="BatchNorm mode of the model during the attack")
+    g.add_argument("--beta", type=common.parse_float, help="TRADES: weight of the KL term (beta, TRADES Eq. 5)")
+    g.add_argument("--pad", type=int, help="zero padding of the random crop")
+    common.add_run_args(p, monitor=None, seed=None)
+    args = p.parse_args(argv)
+    recipe = {**COMMON_DEFAULTS, **RECIPES[args.recipe], "norm": "default"}
+    if args.recipe != "sat-madry" and args.iterations is not None:
+        common.fail("--iterations applies to the iteration-based recipe sat-madry; use --epochs")
+    if args.recipe == "sat-madry" and args.epochs is not None and args.iterations is None:
+        del recipe["iterations"]  # --epochs N alone: N full passes
+    if args.recipe == "sat-ardir" and args.dataset == "svhn":
+        recipe["attack_step"] = 1 / 255  # ARDIR §4.1: step 1/255 on SVHN
+    for k, v in recipe.items():
+        if getattr(args, k, None) is None:
+            setattr(args, k, v)
+    return args, p
+
+
+# --------------------------------------------------------------------------------------
+# Inner maximisation
+# --------------------------------------------------------------------------------------
+
+def random_start(x_nat, eps, start):
+    if start == "normal001":
+        return x_nat + 0.001 * torch.randn_like(x_nat)
+    if start == "none":
+        return x_nat.clone()
+    x_adv = x_nat + torch.empty_like(x_nat).uniform_(-eps, eps)
+    return x_adv.clamp(0, 1) if start == "uniform-clamp" else x_adv
+
+
+def inner_max(student, x_nat, y, args):
+    """PGD on CE (SAT recipes) or on KL(σ(f(x)) ‖ σ(f(x'))) (TRADES), with the recipe's BN mode and start."""
+    student.train(args.attack_bn == "train")  # Madry: train-mode BN; IAD AT.py and trades.py: model.eval()
+    if args.kind == "trades":
+        with torch.no_grad(), common.autocast(args.amp, x_nat.device):
+            p_nat = F.softmax(student(x_nat).float(), dim=1)  # trades.py recomputes f(x) each step; constant in eval()
+    x_adv = random_start(x_nat, args.eps, args.rand_start)
+    for _ in range(args.attack_steps):
+        x_adv.requires_grad_(True)
+        with common.autocast(args.amp, x_nat.device):
+            logits_adv = student(x_adv)
+        if args.kind == "trades":
+            loss = F.kl_div(F.log_softmax(logits_adv.float(), dim=1), p_nat, reduction="sum")  # TRADES trades.py
+        else:
+            loss = F.cross_entropy(logits_adv.float(), y, reduction="sum" if args.attack_loss == "ce_sum" else "mean")
+        grad, = torch.autograd.grad(loss, x_adv)
+        x_adv = x_adv.detach() + args.attack_step * grad.sign()
+        x_adv = torch.min(torch.max(x_adv, x_nat - args.eps), x_nat + args.eps).clamp(0, 1)
+    student.train()
+    return x_adv.clamp(0, 1).detach()
+
+
+# --------------------------------------------------------------------------------------
+# Outer loss
+# --------------------------------------------------------------------------------------
+
+def loss_fn(student, x_nat, x_adv, y, args):
+    """Loss and its logged terms; the forward passes run in the recipe's ledger order (teachers.md §1)."""
+    with common.autocast(args.amp, x_nat.device):
+        if args.kind == "natural":
+            logits = student(x_nat).float()
+            loss = F.cross_entropy(logits, y)
+            return loss, {"loss": loss}, logits
+        if args.kind == "sat":
+            logits = student(x_adv).float()
+            loss = F.cross_entropy(logits, y)
+            return loss, {"loss": loss}, logits
+        # TRADES Eq. 5 as trades.py computes it: ledger [x, x', x]; the KL target is not detached
+        logits_nat = student(x_nat).float()
+        loss_ce = F.cross_entropy(logits_nat, y)
+        logits_adv = student(x_adv).float()
+        p_nat = F.softmax(student(x_nat).float(), dim=1)
+    loss_kl = F.kl_div(F.log_softmax(logits_adv, dim=1), p_nat, reduction="batchmean")
+    loss = loss_ce + args.beta * loss_kl
+    return loss, {"loss": loss, "ce": loss_ce, "kl": loss_kl}, logits_adv
+
+
+def make_optimizer(student, args):
+    if args.wd_scope == "weights":
+        # Madry model.py decays only variables named DW (conv kernels, final linear weight)
+        decay = [p for p in student.parameters() if p.ndim > 1]
+        rest = [p for p in student.parameters() if p.ndim <= 1]
+        groups = [{"params": decay, "weight_decay": args.wd}, {"params": rest, "weight_decay": 0.0}]
+    else:
+        groups = [{"params": list(student.parameters()), "weight_decay": args.wd}]
+    return torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum)
+
+
+def lr_at(step, args):
+    """lr of 1-indexed epoch (iteration for sat-madry) `step`: x0.1 after each milestone."""
+    return args.lr * 0.1 ** sum(step > m for m in args.lr_milestones)
+
+
+# --------------------------------------------------------------------------------------
+# main
+# --------------------------------------------------------------------------------------
+
+def main(argv=None):
+    args, p = parse_args(argv)
+    run = common.Run("train_teacher", args, args.arch, p)
+    args = run.args
+    device = common.setup_device(args)
+    common.seed_everything(args.seed, args.deterministic)
+    num_classes = common.DATASETS[args.dataset]
+
+    train_data = common.train_loader(args, args.batch_size, device=device, pad=args.pad,
+                                     drop_last=args.recipe == "sat-madry")  # Madry drops each pass's remainder
+    test_data = common.test_loader(args, device=device)
+    if args.recipe == "sat-madry":  # iteration-based: passes over the data, the last one cut short
+        args.iterations = args.iterations or args.epochs * len(train_data)
+        args.epochs = math.ceil(args.iterations / len(train_data))
+    norm = None if args.norm == "none" else args.norm
+    try:
+        student = common.build_model(args.arch, num_classes, norm)
+    except ValueError as e:
+        common.fail(str(e))
+    student = common.prepare_model(student, args, device)
+    optimizer = make_optimizer(student, args)
+    start = run.begin(student, optimizer)
+    cfg = common.monitor_config(args.monitor, args.dataset)
+
+    for epoch in range(start, args.epochs + 1):
+        if args.recipe != "sat-madry":
+            for g in optimizer.param_groups:
+                g["lr"] = lr_at(epoch, args)
+        totals, n_seen, correct = {}, 0, torch.zeros((), device=device)
+        with common.EpochTimer(device) as timer:
+            for i, (x_nat, y) in enumerate(train_data):
+                if args.recipe == "sat-madry":
+                    iteration = (epoch - 1) * len(train_data) + i + 1
+                    if iteration > args.iterations:
+                        break
+                    for g in optimizer.param_groups:
+                        g["lr"] = lr_at(iteration, args)
+                x_adv = x_nat if args.kind == "natural" else inner_max(student, x_nat, y, args)
+                loss, terms, logits = loss_fn(student, x_nat, x_adv, y, args)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                for k, v in terms.items():
+                    totals[k] = totals.get(k, 0) + v.detach() * len(y)
+                correct += (logits.argmax(1) == y).sum()
+                n_seen += len(y)
+        metrics = {"lr": optimizer.param_groups[0]["lr"], **{k: float(v) / n_seen for k, v in totals.items()},
+                   "train_acc": float(correct) / n_seen}
+        value = None
+        if common.is_monitor_epoch(args, epoch):
+            t0 = time.perf_counter()
+            m = common.monitor(student, test_data, cfg)
+            metrics.update({"test_clean": m["clean"], "test_robust": m["robust"],
+                            "monitor_seconds": round(time.perf_counter() - t0, 2)})
+            value = m["clean"] if cfg is None else m["robust"]
+        run.end_epoch(epoch, metrics, student, optimizer, value=value, images=n_seen, seconds=timer.seconds)
+
+
+if __name__ == "__main__":
+    main()
