@@ -938,8 +938,9 @@ class Run:
     """Run folder `runs/<script>__<dataset>__<arch>__s<seed>__<time>/` with args.json, metrics.jsonl,
     last.pt and best.pt; per-epoch progress line; exact resume from last.pt.
 
-    Usage: `run = Run(script, args, arch)` (may replace args by the resumed run's),
-    `start = run.begin(model, optimizer)` just before the loop, `run.end_epoch(...)` after each epoch.
+    Usage: `run = Run(script, args, arch, parser)` first (on --resume it puts the saved flags in
+    run.args), `start = run.begin(model, optimizer)` once setup has succeeded, then
+    `run.end_epoch(...)` after each epoch.
     """
 
     RESUME_MAY_CHANGE = ("resume", "device", "epochs", "data_dir", "runs_dir", "unsafe_load")
@@ -971,17 +972,17 @@ class Run:
             while self.dir.exists():
                 i += 1
                 self.dir = base.with_name(f"{base.name}-{i}")
-            self.dir.mkdir(parents=True)
         self.args = args
         self.best = {"value": None, "epoch": None}
         self.epoch_seconds = []
-        print(f"run folder: {self.dir}", flush=True)
 
     def begin(self, model, optimizer, extra=None):
         """Call just before the epoch loop, once every flag is final: writes args.json, or loads the
         resumed state into model, optimizer and `extra`. Returns the first epoch to run (1-indexed)."""
         self.args_json = {"script": self.script, **_jsonable(vars(self.args))}
-        if not self.resumed:
+        print(f"run folder: {self.dir}", flush=True)
+        if not self.resumed:  # the folder appears only once setup has succeeded
+            self.dir.mkdir(parents=True)
             text = json.dumps({**self.args_json, "env": environment()}, indent=2)
             (self.dir / "args.json").write_text(text + "\n")
             return 1

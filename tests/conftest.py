@@ -77,3 +77,21 @@ def svhn_dir(tmp_path_factory):
 def run_script(*args, cwd, timeout=600):
     """Run a suite script in a subprocess; returns the CompletedProcess (stdout+stderr captured)."""
     return subprocess.run([sys.executable, *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def teacher_ckpt(tmp_path_factory):
+    """A cnn_small teacher in the suite's checkpoint format (seeded random weights)."""
+    import torch
+
+    import common
+    torch.manual_seed(0)
+    model = common.build_model("cnn_small")
+    path = tmp_path_factory.mktemp("teacher") / "teacher.pt"
+    common.save_checkpoint(path, common.checkpoint_dict(model, kind="best", epoch=1, dataset="cifar10", args={}))
+    return path
+
+
+def sgd_first_step(params, grads, lr, wd):
+    """First step of SGD(momentum, weight_decay) written out: the momentum buffer starts as g + wd*p."""
+    return [p - lr * (g + wd * p) for p, g in zip(params, grads)]
