@@ -810,7 +810,8 @@ def load_model(path, arch=None, num_classes=None, norm="auto", device="cpu", uns
         sizes = [ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln]
         fail(f"{path} does not match {arch}: {'; '.join(sizes[:3]) or str(e).splitlines()[0]}")
     info = {"path": str(path), "suite": suite, "container": container, "prefixes": stripped, "arch": arch,
-            "arch_kwargs": dict(model.arch_kwargs), "num_classes": num_classes, "norm": model.norm}
+            "arch_kwargs": dict(model.arch_kwargs), "num_classes": num_classes, "norm": model.norm,
+            "dataset": obj.get("dataset") if suite else None}
     return model.to(device).eval(), info
 
 

@@ -183,7 +183,7 @@ def test_suite_checkpoint_round_trip(tmp_path):
     assert raw["arch"] == "cnn_small" and raw["kind"] == "best" and raw["epoch"] == 3
     assert raw["norm"] == {"mean": list(common.NORMS["cifar100"][0]), "std": list(common.NORMS["cifar100"][1])}
     loaded, info = common.load_model(path)
-    assert info["suite"] and info["arch"] == "cnn_small" and not loaded.training
+    assert info["suite"] and info["arch"] == "cnn_small" and info["dataset"] == "cifar10" and not loaded.training
     x = torch.rand(4, 3, 32, 32)
     model.eval()
     assert torch.equal(loaded(x), model(x))  # recorded normalisation restored

@@ -1,0 +1,1137 @@
+"""Evaluate one checkpoint against every attack the robust-distillation papers report.
+
+White-box: clean, FGSM and its variants, PGD (PGD_SAT, PGD_TRADES, PGD-20, FGSM^k), CW-inf (PGD on
+the Carlini-Wagner margin) and AutoAttack (standard: APGD-CE, APGD-T, FAB-T, Square), re-implemented
+here with torch only and checked bit for bit on CPU against the official code (pyautoattack 0.2.0 =
+fra31/auto-attack@a392200; tests/test_autoattack_parity.py). Black-box: transfer from a surrogate
+checkpoint and Square as a query attack. Input quantisation Q (non-adaptive and BPDA) and W-Robust.
+Test split of CIFAR-10, CIFAR-100 or SVHN; one JSON file holds every number.
+
+Specification: shared/spec/eval_attacks.md (section numbers below refer to it).
+
+Headline command (one row of RSLAD Table 2 / MTARD Table 2: clean, FGSM, PGD_SAT, PGD_TRADES, CW-inf, AA):
+
+    python eval_attacks.py runs/<run>/best.pt --preset rslad --data-dir ./data
+
+Presets (§2) and the tables they fill:
+    rslad (aliases mtard, ard)  eps 8/255: FGSM, PGD_SAT 20x2/255, PGD_TRADES 20x0.003, CW-inf 20x2/255
+                                k=50, AA standard; with --transfer-from / --square-bb the black-box
+                                rows of RSLAD Table 5 and MTARD Table 4.
+    iad                         eps 8/255: FGSM with random start, PGD-20, CW-inf 30 steps, AA.
+    ardir                       eps 8/255: FGSM, PGD-20 (SVHN step 1/255), AA.
+    adt                         eps 0.031: FGSM_adt, FGSM, FGSM^20 (FGSM^1000 with --long), CW20;
+                                --quant-grid for the Q rows of ADT Tables 1 and 4.
+W-Robust = (clean + robust) / 2 (MTARD) is given for every attack. Calibration target (§10.3): the
+TRADES WRN-34-10 should give clean 84.92, PGD_TRADES 56.61 (uniform start) and AA 53.08 at eps 0.031.
+"""
+
+import argparse
+import hashlib
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common
+
+
+# ======================================================================================
+# Setup: presets, flags, guards, progress (§1, §2)
+# ======================================================================================
+
+# step None = eps. Sources in §3.
+WHITEBOX = {
+    "fgsm": dict(steps=1, step=None, start="none", loss="ce"),
+    "fgsm_rand": dict(steps=1, step=None, start="uniform-clamp", loss="ce"),  # IAD basic_eval.py runs random=True
+    "fgsm_adt": dict(steps=1, step=0.003, start="uniform", loss="ce"),  # D-ADT-10
+    "pgd_sat": dict(steps=20, step=2 / 255, start="uniform-clamp", loss="ce"),  # Madry config.json, RSLAD 20 steps
+    "pgd_trades": dict(steps=20, step=0.003, start="uniform-clamp", loss="ce"),  # D-EVAL-2
+    "pgd20": dict(steps=20, step=2 / 255, start="uniform-clamp", loss="ce"),  # IAD basic_eval.py; ARDIR §4.1
+    "fgsm20": dict(steps=20, step=0.003, start="uniform", loss="ce"),  # TRADES pgd_attack_cifar10.py
+    "fgsm1000": dict(steps=1000, step=0.003, start="uniform", loss="ce"),
+    "cw": dict(steps=20, step=2 / 255, start="uniform-clamp", loss="cw", kappa=50.0),  # D-EVAL-3
+    "cw20": dict(steps=20, step=0.003, start="uniform", loss="cw", kappa=50.0),
+    "cw1000": dict(steps=1000, step=0.003, start="uniform", loss="cw", kappa=50.0),
+}
+
+PRESETS = {
+    "rslad": dict(eps="8/255", whitebox=["fgsm", "pgd_sat", "pgd_trades", "cw"], aa="standard",
+                  transfer=["pgd20", "cw"], quant=["fgsm20", "cw20"]),
+    "iad": dict(eps="8/255", whitebox=["fgsm_rand", "pgd20", "cw"], aa="standard", transfer=["pgd20", "cw"],
+                quant=["fgsm20", "cw20"], tweaks={"cw": {"steps": 30}}),
+    "ardir": dict(eps="8/255", whitebox=["fgsm", "pgd20"], aa="standard", transfer=["pgd20", "cw"],
+                  quant=["fgsm20", "cw20"], svhn_tweaks={"pgd20": {"step": 1 / 255}}),
+    "adt": dict(eps="0.031", whitebox=["fgsm_adt", "fgsm", "fgsm20", "cw20"], long=["fgsm1000"], aa="off",
+                transfer=["fgsm20"], quant=["fgsm20", "cw20"], quant_long=["fgsm1000", "cw1000"]),
+}
+PRESET_ALIASES = {"mtard": "rslad", "ard": "rslad"}
+STARTS = ("none", "uniform", "uniform-clamp", "normal001")
+AA_VERSIONS = {"standard": ["apgd-ce", "apgd-t", "fab-t", "square"], "fast": ["apgd-ce", "apgd-t"],
+               "rand": ["apgd-ce", "apgd-dlr"], "individual": ["apgd-ce", "apgd-t", "fab-t", "square"]}
+AA_JSON_KEY = {"standard": "autoattack", "fast": "aa_fast", "rand": "aa_rand", "individual": "autoattack_individual"}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("checkpoint", help="any checkpoint common.load_model reads (suite last.pt/best.pt or official files)")
+    g = p.add_argument_group("model and data (§1)")
+    g.add_argument("--arch", default=None, help="architecture (required for non-suite checkpoints)")
+    g.add_argument("--norm", default="auto", choices=["auto", "none", "cifar10", "cifar100"],
+                   help="input normalisation inside the model; auto = the suite checkpoint's record, else the arch default")
+    g.add_argument("--unsafe-load", action="store_true", help="allow pickle execution when loading (trusted files only)")
+    g.add_argument("--dataset", default=None, choices=sorted(common.DATASETS),
+                   help="test split (default: the suite checkpoint's data set, else from the head width)")
+    g.add_argument("--data-dir", default="./data", help="folder holding the standard layout")
+    g.add_argument("--n-ex", type=common.positive_int, default=None, help="evaluate the first N test points (default all)")
+    g.add_argument("--bs", type=common.positive_int, default=250, help="batch size of the non-AutoAttack attacks")
+    g.add_argument("--seed", type=int, default=0, help="seed of the random starts (every attack starts from it)")
+    g.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
+    g.add_argument("--tf32", action="store_true", help="allow TF32 (off by default: evaluation runs in true fp32)")
+    g.add_argument("--deterministic", action="store_true", help="deterministic cuDNN kernels")
+    g.add_argument("--amp", nargs="?", const="on", default=None,
+                   help="refused: attacks run in fp32 (fp16 zeroes small gradients and DLR's 1e-12 denominators)")
+    g = p.add_argument_group("white-box attacks (§2, §3)")
+    g.add_argument("--preset", default="rslad", choices=sorted(PRESETS) + sorted(PRESET_ALIASES),
+                   help="paper protocol: eps and every attack parameter (§2)")
+    g.add_argument("--eps", default=None, help="L-inf radius (fraction or float); default from the preset")
+    g.add_argument("--attacks", default=None,
+                   help=f"comma list of white-box attacks replacing the preset's ({', '.join(WHITEBOX)}), or 'none'")
+    g.add_argument("--long", action="store_true", help="adt preset: also FGSM^1000 (and CW1000 under Q)")
+    g.add_argument("--fgsm-start", choices=STARTS, default=None, help="start of `fgsm` (D-EVAL-1; preset: none)")
+    g.add_argument("--pgd-start", choices=STARTS, default=None,
+                   help="start of the multi-step CE attacks (D-EVAL-2; preset: uniform-clamp, adt uniform)")
+    g.add_argument("--cw-steps", type=common.positive_int, default=None, help="CW-inf steps (preset: 20; iad 30)")
+    g.add_argument("--cw-step", type=common.parse_float, default=None, help="CW-inf step size (preset: 2/255; adt 0.003)")
+    g.add_argument("--cw-kappa", type=common.parse_float, default=None, help="CW-inf confidence kappa (preset: 50)")
+    g.add_argument("--cw-start", choices=STARTS, default=None, help="CW-inf start (preset: uniform-clamp; adt uniform)")
+    g = p.add_argument_group("AutoAttack (§4)")
+    g.add_argument("--aa", default=None, choices=["standard", "fast", "rand", "individual", "off"],
+                   help="AutoAttack version; default from the preset (standard; adt off)")
+    g.add_argument("--aa-bs", type=common.positive_int, default=250, help="AutoAttack batch size (part of the result, D-EVAL-7)")
+    g.add_argument("--aa-seed", type=int, default=0, help="AutoAttack seed, set per attack and batch (D-EVAL-7)")
+    g = p.add_argument_group("black-box (§5, §6)")
+    g.add_argument("--transfer-from", default=None, metavar="ARCH:CKPT[:NORM]",
+                   help="surrogate for transfer attacks (RSLAD: a SAT ResNet-50, D-EVAL-4)")
+    g.add_argument("--transfer-attacks", default=None,
+                   help="comma list of attacks crafted on the surrogate (preset: pgd20,cw; adt fgsm20)")
+    g.add_argument("--square-bb", action="store_true", help="Square alone as a query-based black-box attack")
+    g.add_argument("--square-queries", type=common.positive_int, default=5000, help="query budget of --square-bb (D-EVAL-5)")
+    g = p.add_argument_group("input quantisation Q (§7)")
+    g.add_argument("--quant-bits", type=common.positive_int, default=None, help="bit depth b of Q_b")
+    g.add_argument("--quant-grid", default=None, help="comma list of bit depths, e.g. 3,4,5,6,7,8 (D-EVAL-6)")
+    g.add_argument("--quant-mode", default="nonadaptive", choices=["nonadaptive", "bpda"],
+                   help="bpda also runs the straight-through adaptive attack (reported next to non-adaptive)")
+    g = p.add_argument_group("output (§9)")
+    g.add_argument("--json", default=None, help="output file (default: <checkpoint dir>/eval_<preset>.json)")
+    g.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    return p.parse_args(argv)
+
+
+def resolve_protocol(args, dataset):
+    """Preset + explicit flags -> eps, the attacks to run with their parameters, and the overrides made."""
+    preset = PRESET_ALIASES.get(args.preset, args.preset)
+    spec = PRESETS[preset]
+    eps_str = args.eps if args.eps is not None else spec["eps"]
+    try:
+        eps = common.parse_float(eps_str)
+    except argparse.ArgumentTypeError as e:
+        common.fail(f"--eps: {e}")
+    overrides = {k: v for k, v in vars(args).items() if v is not None and k in (
+        "eps", "attacks", "fgsm_start", "pgd_start", "cw_steps", "cw_step", "cw_kappa", "cw_start", "aa",
+        "transfer_attacks")}
+
+    def params(name):
+        if name not in WHITEBOX:
+            common.fail(f"unknown attack {name!r}; choose from {', '.join(WHITEBOX)}")
+        cfg = dict(WHITEBOX[name])
+        cfg.update(spec.get("tweaks", {}).get(name, {}))
+        if dataset == "svhn":
+            cfg.update(spec.get("svhn_tweaks", {}).get(name, {}))
+        if cfg["loss"] == "cw":
+            if name != "cw1000" and args.cw_steps is not None:
+                cfg["steps"] = args.cw_steps
+            for flag, key in (("cw_step", "step"), ("cw_kappa", "kappa"), ("cw_start", "start")):
+                if getattr(args, flag) is not None:
+                    cfg[key] = getattr(args, flag)
+        elif name == "fgsm" and args.fgsm_start is not None:
+            cfg["start"] = args.fgsm_start
+        elif cfg["steps"] > 1 and args.pgd_start is not None:
+            cfg["start"] = args.pgd_start
+        cfg["step"] = eps if cfg["step"] is None else cfg["step"]
+        return cfg
+
+    def names(text, default):
+        if text is None:
+            return list(default)
+        return [] if text.strip() == "none" else [n.strip() for n in text.split(",") if n.strip()]
+
+    whitebox = names(args.attacks, spec["whitebox"] + (spec.get("long", []) if args.long else []))
+    transfer = names(args.transfer_attacks, spec["transfer"]) if args.transfer_from else []
+    quant = spec["quant"] + (spec.get("quant_long", []) if args.long else [])
+    return dict(preset=preset, eps=eps, eps_str=str(eps_str), aa=args.aa or spec["aa"],
+                whitebox={n: params(n) for n in whitebox}, transfer={n: params(n) for n in transfer},
+                quant={n: params(n) for n in quant}, overrides=overrides)
+
+
+def freeze_for_attack(model):
+    """eval() and frozen parameters (§1): FAB's backward would otherwise fill parameter gradients."""
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def check_frozen(model, what):
+    """Fail loudly if something switched the model back to train mode or unfroze it mid-run."""
+    if any(m.training for m in model.modules()) or any(p.requires_grad for p in model.parameters()):
+        common.fail(f"{what}: the model left eval() mode or has trainable parameters during the evaluation")
+
+
+class Progress:
+    """Progress with ETA on stderr, at most one line per `every` seconds (nothing for short attacks)."""
+
+    def __init__(self, name, total, quiet=False, every=10.0):
+        self.name, self.total, self.quiet, self.every = name, total, quiet, every
+        self.start = self.last = time.perf_counter()
+
+    def update(self, done, note=""):
+        now = time.perf_counter()
+        if self.quiet or now - self.last < self.every:  # short attacks print nothing
+            return
+        self.last = now
+        elapsed = now - self.start
+        eta = elapsed / max(done, 1e-9) * (self.total - done)
+        print(f"  [{self.name}] {done}/{self.total} {note} elapsed {_hms(elapsed)} ETA {_hms(eta)}",
+              file=sys.stderr, flush=True)
+
+
+def _hms(seconds):
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def predict(model, x):
+    with torch.no_grad():
+        return model(x).max(1)[1]
+
+
+def check_bounds(x_adv, x, eps, what):
+    """Fail on NaN, values outside [0,1] or a perturbation above eps + 1e-6; returns the max L-inf."""
+    if torch.isnan(x_adv).any():
+        common.fail(f"{what}: the adversarial examples hold NaNs")
+    if x_adv.min() < 0 or x_adv.max() > 1:
+        common.fail(f"{what}: adversarial values outside [0,1] ({x_adv.min().item():.6g}, {x_adv.max().item():.6g})")
+    linf = (x_adv - x).abs().flatten(1).max(1)[0].max().item()
+    if linf > eps + 1e-6:
+        common.fail(f"{what}: perturbation {linf:.6g} exceeds eps {eps:.6g}")
+    return linf
+
+
+def checked_predict(model, x_adv, x, eps, what, deterministic=True):
+    """Score an adversarial batch in passes separate from the attack's, after checking its bounds (§1).
+
+    With `deterministic`, the batch is scored again in two halves; a changed prediction is an error (a
+    stochastic or batch-dependent model, e.g. BatchNorm in train mode) unless the point's two largest
+    logits are within 1e-4 (kernels chosen per batch size may move a near-tie on a GPU)."""
+    check_bounds(x_adv, x, eps, what)
+    with torch.no_grad():
+        logits = model(x_adv)
+        pred = logits.max(1)[1]
+        if deterministic and len(x_adv) > 1:
+            half = (len(x_adv) + 1) // 2
+            again = torch.cat([model(x_adv[:half]), model(x_adv[half:])]).max(1)[1]
+            top2 = logits.topk(2, dim=1)[0]
+            if ((pred != again) & (top2[:, 0] - top2[:, 1] > 1e-4)).any():
+                common.fail(f"{what}: predictions on the same adversarial batch differ between two passes; "
+                            "the model is stochastic or depends on the batch (train-mode BatchNorm?)")
+    return pred
+
+
+# ======================================================================================
+# White-box attacks other than AutoAttack (§3): one PGD routine
+# ======================================================================================
+
+def cw_loss(logits, y, kappa=50.0):
+    """CW-inf margin (§3): -sum_i max(z_y - max_j(z_j - 1e4*[j=y]) + kappa, 0); to be maximised."""
+    # ZFancy/IAD:attack_generator.py cwloss / Madry pgd_attack.py loss_func='cw'; one-hot from the model's
+    # output width, not a hard-coded 10 (IAD's breaks on CIFAR-100)
+    onehot = F.one_hot(y, logits.shape[1]).to(logits.dtype)
+    real = (onehot * logits).sum(1)
+    other = (logits - 1e4 * onehot).max(1)[0]
+    return -torch.clamp(real - other + kappa, min=0).sum()
+
+
+def random_start(x, eps, start, noise=None):
+    """Named starts of shared/spec/README.md; draws on x's device from the default generator, unless
+    `noise` (the start's perturbation, for tests) is given."""
+    if start == "none":
+        return x.clone()
+    if noise is None:
+        noise = 0.001 * torch.randn_like(x) if start == "normal001" else torch.empty_like(x).uniform_(-eps, eps)
+    x_adv = x + noise
+    return x_adv.clamp(0, 1) if start == "uniform-clamp" else x_adv
+
+
+def pgd(model, x, y, eps, steps, step, start="uniform-clamp", loss="ce", kappa=50.0, noise=None):
+    """PGD of shared/spec/README.md (sign step, project to the eps-ball, clamp to [0,1]); last iterate.
+
+    Drives FGSM (one step of eps), PGD_SAT, PGD_TRADES, PGD-20, FGSM^k (loss 'ce', CE_mean) and CW-inf
+    (loss 'cw', summed)."""
+    x_adv = random_start(x, eps, start, noise)
+    for _ in range(steps):
+        x_adv = x_adv.detach().requires_grad_(True)
+        with torch.enable_grad():
+            logits = model(x_adv)
+            objective = F.cross_entropy(logits, y) if loss == "ce" else cw_loss(logits, y, kappa)
+        grad, = torch.autograd.grad(objective, x_adv)
+        x_adv = x_adv.detach() + step * grad.sign()
+        x_adv = torch.min(torch.max(x_adv, x - eps), x + eps).clamp(0, 1)
+    return x_adv.detach()
+
+
+def run_attack(attack_model, score_models, x, y, eps, params, bs, device, name, seed, quiet=False, deterministic=True):
+    """Craft `params` (a WHITEBOX entry) on `attack_model` in batches; score on every model of `score_models`.
+
+    Returns, per scoring model, a bool tensor: final iterate classified correctly. The random stream
+    restarts from `seed` for every attack, so an attack's result does not depend on the others run."""
+    torch.manual_seed(seed)
+    correct = [torch.zeros(len(y), dtype=torch.bool) for _ in score_models]
+    bar = Progress(name, len(y), quiet)
+    for lo in range(0, len(y), bs):
+        xb, yb = x[lo:lo + bs].to(device), y[lo:lo + bs].to(device)
+        check_frozen(attack_model, name)
+        x_adv = pgd(attack_model, xb, yb, eps, params["steps"], params["step"], params["start"], params["loss"],
+                    params.get("kappa", 50.0))
+        for c, m in zip(correct, score_models):
+            c[lo:lo + bs] = (checked_predict(m, x_adv, xb, eps, name, deterministic) == yb).cpu()
+        bar.update(min(lo + bs, len(y)))
+    return correct
+
+
+def w_robust(clean, robust):
+    """MTARD's W-Robust with pi_nat = pi_adv = 0.5 (§8)."""
+    return (clean + robust) / 2
+
+
+# ======================================================================================
+# AutoAttack, version standard, L-inf (§4). Every random number is a CPU float32 torch.rand moved to
+# the device, after torch.manual_seed(seed) once per attack and batch (§4.6), as the official code.
+# ======================================================================================
+
+def _rand(shape, device):
+    return torch.rand(shape).to(device)
+
+
+def aa_target(logits, target_class):
+    """Target of APGD-T and FAB-T: the `target_class`-th largest clean logit (2..10)."""
+    return logits.sort(dim=1)[1][:, -target_class]
+
+
+def ce_loss(logits, y):
+    return F.cross_entropy(logits, y, reduction="none")
+
+
+def dlr_loss(logits, y):
+    """DLR loss (Croce & Hein, ICML 2020): -(z_y - max_{j!=y} z_j) / (z_(1) - z_(3) + 1e-12)."""
+    z_sorted, ind_sorted = logits.sort(dim=1)
+    top_is_y = (ind_sorted[:, -1] == y).float()
+    u = torch.arange(len(y), device=logits.device)
+    return -(logits[u, y] - z_sorted[:, -2] * top_is_y - z_sorted[:, -1] * (1. - top_is_y)) / (
+        z_sorted[:, -1] - z_sorted[:, -3] + 1e-12)
+
+
+def dlr_targeted_loss(logits, y, y_target):
+    """Targeted DLR: -(z_y - z_t) / (z_(1) - (z_(3) + z_(4))/2 + 1e-12); needs >= 4 classes."""
+    z_sorted = logits.sort(dim=1)[0]
+    u = torch.arange(len(y), device=logits.device)
+    return -(logits[u, y] - logits[u, y_target]) / (z_sorted[:, -1] - .5 * (z_sorted[:, -3] + z_sorted[:, -4]) + 1e-12)
+
+
+def _loss_and_grad(model, x_adv, y, loss_fn, eot_iter):
+    """Per-sample losses and the gradient of their sum (averaged over eot_iter passes)."""
+    x_adv.requires_grad_()
+    grad = torch.zeros_like(x_adv)
+    for _ in range(eot_iter):
+        with torch.enable_grad():
+            logits = model(x_adv)
+            loss_indiv = loss_fn(logits, y)
+            loss = loss_indiv.sum()
+        grad += torch.autograd.grad(loss, [x_adv])[0].detach()
+    grad /= float(eot_iter)
+    return logits.detach(), loss_indiv.detach(), grad
+
+
+def _apgd_run(model, x, y, eps, loss_fn, *, n_iter=100, rho=0.75, eot_iter=1, warn=None):
+    """One APGD run (§4.2), as the official attack_single_run: returns (x_best, acc, loss_best, x_best_adv),
+    x_best the highest-loss iterate, acc = classified correctly at every iterate so far."""
+    n = len(x)
+    view = (-1,) + (1,) * (x.dim() - 1)
+    n_iter_2, n_iter_min, size_decr = max(int(0.22 * n_iter), 1), max(int(0.06 * n_iter), 1), max(int(0.03 * n_iter), 1)
+
+    t = 2 * _rand(x.shape, x.device).detach() - 1
+    t_inf = t.abs().view(n, -1).max(1)[0]
+    x_adv = x + eps * torch.ones_like(x).detach() * (t / (t_inf.view(view) + 1e-12))
+    x_adv = x_adv.clamp(0., 1.)
+    x_best, x_best_adv = x_adv.clone(), x_adv.clone()
+    loss_steps = torch.zeros([n_iter, n], device=x.device)
+
+    logits, loss_indiv, grad = _loss_and_grad(model, x_adv, y, loss_fn, eot_iter)
+    grad_best = grad.clone()
+    if warn is not None and loss_fn is not ce_loss:  # checks.py check_zero_gradients, DLR losses only
+        zero = (grad.view(n, -1).abs().sum(-1) == 0).sum().item()
+        if zero:
+            warn(f"{zero} points with an all-zero input gradient under the DLR loss: gradient-based attacks "
+                 "may be unreliable (fra31/auto-attack flags_doc.md)")
+    acc = logits.max(1)[1] == y
+    loss_best = loss_indiv.clone()
+
+    step_size = 2. * eps * torch.ones([n, *view[1:]], device=x.device).detach()
+    x_adv_old = x_adv.clone()
+    counter, k = 0, n_iter_2
+    loss_best_last_check = loss_best.clone()
+    reduced_last_check = torch.ones_like(loss_best)
+
+    for i in range(n_iter):
+        with torch.no_grad():
+            x_adv = x_adv.detach()
+            grad2 = x_adv - x_adv_old
+            x_adv_old = x_adv.clone()
+            a = 0.75 if i > 0 else 1.0  # momentum
+            z = x_adv + step_size * torch.sign(grad)
+            z = torch.clamp(torch.min(torch.max(z, x - eps), x + eps), 0.0, 1.0)
+            z = torch.clamp(torch.min(torch.max(x_adv + (z - x_adv) * a + grad2 * (1 - a), x - eps), x + eps), 0.0, 1.0)
+            x_adv = z + 0.
+
+        logits, loss_indiv, grad = _loss_and_grad(model, x_adv, y, loss_fn, eot_iter)
+
+        with torch.no_grad():
+            pred = logits.max(1)[1] == y
+            acc = torch.min(acc, pred)
+            x_best_adv[~pred] = x_adv[~pred] + 0.  # the latest misclassified iterate, not the best-loss one
+            loss_steps[i] = loss_indiv
+            better = loss_indiv > loss_best
+            x_best[better] = x_adv[better].clone()
+            grad_best[better] = grad[better].clone()
+            loss_best[better] = loss_indiv[better]
+
+            counter += 1
+            if counter == k:  # checkpoint: halve the step where the loss oscillates or stalls
+                # fra31/auto-attack autopgd_base.py check_oscillation: loss_steps[-1] wraps to row n_iter-1,
+                # still zero at the first checkpoint
+                increases = torch.zeros(n, device=x.device)
+                for c in range(k):
+                    increases += (loss_steps[i - c] > loss_steps[i - c - 1]).float()
+                reduce = (increases <= k * rho * torch.ones_like(increases)).float()
+                no_improvement = (1. - reduced_last_check) * (loss_best_last_check >= loss_best).float()
+                reduce = torch.max(reduce, no_improvement)
+                reduced_last_check = reduce.clone()
+                loss_best_last_check = loss_best.clone()
+                if reduce.sum() > 0:
+                    r = reduce > 0
+                    step_size[r] /= 2.0
+                    x_adv[r] = x_best[r].clone()  # x_adv_old is left as is (official behaviour)
+                    grad[r] = grad_best[r].clone()
+                k = max(k - size_decr, n_iter_min)
+                counter = 0
+    return x_best, acc, loss_best, x_best_adv
+
+
+def apgd(model, x, y, eps, *, loss="ce", seed=0, n_iter=100, n_restarts=1, rho=0.75, eot_iter=1,
+         n_target_classes=9, warn=None):
+    """APGD-CE / APGD-DLR (loss 'ce' / 'dlr') and APGD-T (loss 'dlr-targeted'), as the official perturb().
+
+    Returns x with the points broken by any run replaced by their adversarial example."""
+    x = x.detach().clone().float()
+    y = y.detach().clone().long()
+    adv = x.clone()
+    acc = predict(model, x) == y
+    torch.manual_seed(seed)  # after the clean forward (§4.6); seeds every CUDA device too
+    targets = range(2, n_target_classes + 2) if loss == "dlr-targeted" else [None]
+    for target_class in targets:  # the random stream continues across the 9 targets
+        for _ in range(n_restarts):
+            idx = acc.nonzero().flatten()
+            if idx.numel() == 0:
+                continue
+            x_to_fool, y_to_fool = x[idx].clone(), y[idx].clone()
+            if target_class is None:
+                loss_fn = {"ce": ce_loss, "dlr": dlr_loss}[loss]
+            else:
+                with torch.no_grad():
+                    y_target = aa_target(model(x_to_fool), target_class)
+                loss_fn = lambda z, yy, t=y_target: dlr_targeted_loss(z, yy, t)  # noqa: E731
+            _, acc_curr, _, adv_curr = _apgd_run(model, x_to_fool, y_to_fool, eps, loss_fn, n_iter=n_iter, rho=rho,
+                                           eot_iter=eot_iter, warn=warn)
+            broken = ~acc_curr
+            acc[idx[broken]] = False
+            adv[idx[broken]] = adv_curr[broken].clone()
+    return adv
+
+
+def projection_linf(points_to_project, w_hyperplane, b_hyperplane):
+    """Smallest L-inf step d from each row t (in the box [0,1]) onto the hyperplane <w, t + d> = b.
+
+    Ported step by step from fra31/auto-attack autoattack/fab_projections.py@a392200 (projection_linf);
+    its operations and their order are kept exactly, for bit parity with the official FAB.
+
+    MIT License. Copyright (c) 2020 Francesco Croce.
+    Permission is hereby granted, free of charge, to any person obtaining a copy of this software and
+    associated documentation files (the "Software"), to deal in the Software without restriction,
+    including without limitation the rights to use, copy, modify, merge, publish, distribute,
+    sublicense, and/or sell copies of the Software, and to permit persons to whom the Software is
+    furnished to do so, subject to the following conditions: The above copyright notice and this
+    permission notice shall be included in all copies or substantial portions of the Software.
+    THE SOFTWARE IS PROVIDED "AS IS", WITHOUT WARRANTY OF ANY KIND, EXPRESS OR IMPLIED, INCLUDING BUT NOT
+    LIMITED TO THE WARRANTIES OF MERCHANTABILITY, FITNESS FOR A PARTICULAR PURPOSE AND NONINFRINGEMENT. IN
+    NO EVENT SHALL THE AUTHORS OR COPYRIGHT HOLDERS BE LIABLE FOR ANY CLAIM, DAMAGES OR OTHER LIABILITY,
+    WHETHER IN AN ACTION OF CONTRACT, TORT OR OTHERWISE, ARISING FROM, OUT OF OR IN CONNECTION WITH THE
+    SOFTWARE OR THE USE OR OTHER DEALINGS IN THE SOFTWARE.
+    """
+    device = points_to_project.device
+    t, w, b = points_to_project, w_hyperplane.clone(), b_hyperplane.clone()
+
+    # orient every hyperplane so that the point lies on its negative side
+    sign = 2 * ((w * t).sum(1) - b >= 0) - 1
+    w.mul_(sign.unsqueeze(1))
+    b.mul_(sign)
+
+    a = (w < 0).float()
+    d = (a - t) * (w != 0).float()  # the box corner each coordinate moves towards
+
+    p = a - t * (2 * a - 1)
+    indp = torch.argsort(p, dim=1)
+
+    b = b - (w * t).sum(1)
+    b0 = (w * d).sum(1)
+
+    indp2 = indp.flip((1,))
+    ws = w.gather(1, indp2)
+    bs2 = - ws * d.gather(1, indp2)
+
+    s = torch.cumsum(ws.abs(), dim=1)
+    sb = torch.cumsum(bs2, dim=1) + b0.unsqueeze(1)
+
+    b2 = sb[:, -1] - s[:, -1] * p.gather(1, indp[:, 0:1]).squeeze(1)
+    c_l = b - b2 > 0
+    c2 = (b - b0 > 0) & (~c_l)
+    lb = torch.zeros(c2.sum(), device=device)
+    ub = torch.full_like(lb, w.shape[1] - 1)
+    nitermax = math.ceil(math.log2(w.shape[1]))
+
+    # binary search over the sorted coordinates for the active set
+    indp_, sb_, s_, p_, b_ = indp[c2], sb[c2], s[c2], p[c2], b[c2]
+    for _ in range(nitermax):
+        counter4 = torch.floor((lb + ub) / 2)
+
+        counter2 = counter4.long().unsqueeze(1)
+        indcurr = indp_.gather(1, indp_.size(1) - 1 - counter2)
+        b2 = (sb_.gather(1, counter2) - s_.gather(1, counter2) * p_.gather(1, indcurr)).squeeze(1)
+        c = b_ - b2 > 0
+
+        lb = torch.where(c, counter4, lb)
+        ub = torch.where(c, ub, counter4)
+
+    lb = lb.long()
+
+    if c_l.any():
+        lmbd_opt = torch.clamp_min((b[c_l] - sb[c_l, -1]) / (-s[c_l, -1]), min=0).unsqueeze(-1)
+        d[c_l] = (2 * a[c_l] - 1) * lmbd_opt
+
+    lmbd_opt = torch.clamp_min((b[c2] - sb[c2, lb]) / (-s[c2, lb]), min=0).unsqueeze(-1)
+    d[c2] = torch.min(lmbd_opt, d[c2]) * a[c2] + torch.max(-lmbd_opt, d[c2]) * (1 - a[c2])
+
+    return d * (w != 0).float()
+
+
+def _fab_targeted_run(model, x, y, target_class, *, n_iter=100, alpha_max=0.1, eta=1.05, beta=0.9):
+    """One FAB-T run (§4.3), no random start: minimal L-inf adversarial example towards one target."""
+    x = x.detach().clone().float()
+    with torch.no_grad():
+        logits = model(x)
+    correct = logits.max(1)[1] == y
+    if correct.sum() == 0:
+        return x
+    pred = correct.nonzero().flatten()
+    la_target = aa_target(logits, target_class)[pred]
+    im2, la2 = x[pred].clone(), y[pred].clone()
+    bs = len(im2)
+    u = torch.arange(bs, device=x.device)
+    view = (-1,) + (1,) * (x.dim() - 1)
+    adv, adv_c = im2.clone(), x.clone()
+    res2 = 1e10 * torch.ones([bs], device=x.device)
+    x1, x0 = im2.clone(), im2.clone().reshape([bs, -1])
+
+    for _ in range(n_iter):
+        with torch.no_grad():
+            # linearise z_t - z_y at x1 (fab_pt.py get_diff_logits_grads_batch_targeted)
+            im = x1.clone().requires_grad_()
+            with torch.enable_grad():
+                z = model(im)
+                diffy = -(z[u, la2] - z[u, la_target])
+                sumdiffy = diffy.sum()
+            df = diffy.detach()
+            dg = torch.autograd.grad(sumdiffy, im)[0]
+            b = (-df + (dg * x1).reshape(bs, -1).sum(dim=-1))
+            w = dg.reshape([bs, -1])
+
+            # project x1 and x0 on the linearised boundary, then step between the two projections
+            d3 = projection_linf(torch.cat((x1.reshape([bs, -1]), x0), 0), torch.cat((w, w), 0), torch.cat((b, b), 0))
+            d1 = torch.reshape(d3[:bs], x1.shape)
+            d2 = torch.reshape(d3[-bs:], x1.shape)
+            a0 = d3.abs().max(dim=1, keepdim=True)[0].view(view)
+            a0 = torch.max(a0, 1e-8 * torch.ones(a0.shape, device=x.device))
+            a1, a2 = a0[:bs], a0[-bs:]
+            alpha = torch.min(torch.max(a1 / (a1 + a2), torch.zeros(a1.shape, device=x.device)),
+                              alpha_max * torch.ones(a1.shape, device=x.device))
+            x1 = ((x1 + eta * d1) * (1 - alpha) + (im2 + d2 * eta) * alpha).clamp(0.0, 1.0)
+
+            is_adv = predict(model, x1) != la2  # any wrong class, not only the target
+            if is_adv.sum() > 0:
+                ind = is_adv.nonzero().flatten()
+                t = (x1[ind] - im2[ind]).reshape([len(ind), -1]).abs().max(dim=1)[0]
+                closer = t < res2[ind]  # the official 0/1-mask blends, as selects (all values finite)
+                adv[ind] = torch.where(closer.view(view), x1[ind], adv[ind])
+                res2[ind] = torch.where(closer, t, res2[ind])
+                x1[ind] = im2[ind] + (x1[ind] - im2[ind]) * beta  # backward step towards the clean point
+
+    succ = (res2 < 1e10).nonzero().flatten()
+    adv_c[pred[succ]] = adv[succ].clone()
+    return adv_c
+
+
+def fab_targeted(model, x, y, eps, *, seed=0, n_iter=100, n_target_classes=9, alpha_max=0.1, eta=1.05, beta=0.9):
+    """FAB-T (§4.3), one restart per target, as fab_base.py perturb(): a point counts as broken only if
+    misclassified within eps."""
+    adv = x.clone()
+    with torch.no_grad():
+        acc = model(x).max(1)[1] == y
+        torch.manual_seed(seed)  # FAB-T draws nothing with one restart; kept for the official stream
+        for target_class in range(2, n_target_classes + 2):
+            idx = acc.nonzero().flatten()
+            if idx.numel() == 0:
+                continue
+            x_to_fool, y_to_fool = x[idx].clone(), y[idx].clone()
+            adv_curr = _fab_targeted_run(model, x_to_fool, y_to_fool, target_class, n_iter=n_iter,
+                                         alpha_max=alpha_max, eta=eta, beta=beta)
+            acc_curr = model(adv_curr).max(1)[1] == y_to_fool
+            res = (x_to_fool - adv_curr).abs().reshape(len(x_to_fool), -1).max(1)[0]
+            acc_curr = torch.max(acc_curr, res > eps)
+            broken = ~acc_curr
+            acc[idx[broken]] = False
+            adv[idx[broken]] = adv_curr[broken].clone()
+    return adv
+
+
+def _margin(model, x, y):
+    """z_y - max_{j!=y} z_j (Square's margin loss)."""
+    logits = model(x)
+    u = torch.arange(len(y), device=x.device)
+    y_corr = logits[u, y].clone()
+    logits[u, y] = -float("inf")
+    return y_corr - logits.max(dim=-1)[0]
+
+
+def _square_p(it, p_init):
+    """Fraction of pixels changed at iteration `it` (square.py p_selection, resc_schedule=False)."""
+    for bound, halvings in ((10, 0), (50, 1), (200, 2), (500, 3), (1000, 4), (2000, 5), (4000, 6), (6000, 7), (8000, 8)):
+        if it <= bound:
+            return p_init / 2 ** halvings
+    return p_init / 512
+
+
+def _square_run(model, x, y, eps, *, n_queries=5000, p_init=0.8):
+    """One Square L-inf run (§4.4). Returns (queries used per point, x_best)."""
+    c, h, w = x.shape[1:]
+    n_features = c * h * w
+    view = (-1,) + (1,) * (x.dim() - 1)
+    # vertical stripes: one sign per image, channel and column
+    x_best = torch.clamp(x + eps * torch.sign(2 * _rand([len(x), c, 1, w], x.device) - 1), 0., 1.)
+    margin_min = _margin(model, x_best, y)
+    loss_min = margin_min.clone()  # loss 'margin'
+    queries = torch.ones(len(x), device=x.device)
+    if (margin_min < 0.0).all():
+        return queries, x_best
+
+    for it in range(n_queries):
+        idx = (margin_min > 0.0).nonzero().flatten()
+        x_curr, x_best_curr, y_curr = x[idx], x_best[idx], y[idx]
+        margin_min_curr, loss_min_curr = margin_min[idx], loss_min[idx]
+
+        p = _square_p(it, p_init)
+        s = max(int(round(math.sqrt(p * n_features / c))), 1)
+        s = min(s, min(h, w))
+        vh = int((0 + (h - s) * _rand([1], x.device)).long())
+        vw = int((0 + (w - s) * _rand([1], x.device)).long())
+        new_deltas = torch.zeros([c, h, w], device=x.device)  # one square and sign pattern for the whole batch
+        new_deltas[:, vh:vh + s, vw:vw + s] = 2. * eps * torch.sign(2 * _rand([c, 1, 1], x.device) - 1)
+
+        x_new = x_best_curr + new_deltas
+        x_new = torch.min(torch.max(x_new, x_curr - eps), x_curr + eps)
+        x_new = torch.clamp(x_new, 0., 1.)
+        margin = _margin(model, x_new, y_curr)
+        loss = margin
+
+        # the official 0/1-mask blends, written as selects (all values finite)
+        improved = loss < loss_min_curr
+        loss_min[idx] = torch.where(improved, loss, loss_min_curr)
+        improved = improved | (margin <= 0.)
+        margin_min[idx] = torch.where(improved, margin, margin_min_curr)
+        x_best[idx] = torch.where(improved.view(view), x_new, x_best_curr)
+        queries[idx] += 1.
+        if (margin_min <= 0.).all():
+            break
+    return queries, x_best
+
+
+def square(model, x, y, eps, *, seed=0, n_queries=5000, p_init=0.8, return_queries=False):
+    """Square attack (§4.4), one restart, as square.py perturb(); points already misclassified are skipped."""
+    with torch.no_grad():
+        adv = x.clone()
+        acc = model(x).max(1)[1] == y
+        torch.manual_seed(seed)
+        queries = torch.zeros(len(x), device=x.device)
+        idx = acc.nonzero().flatten()
+        if idx.numel() != 0:
+            x_to_fool, y_to_fool = x[idx].clone(), y[idx].clone()
+            q, adv_curr = _square_run(model, x_to_fool, y_to_fool, eps, n_queries=n_queries, p_init=p_init)
+            queries[idx] = q
+            broken = model(adv_curr).max(1)[1] != y_to_fool
+            adv[idx[broken]] = adv_curr[broken].clone()
+    return (adv, queries) if return_queries else adv
+
+
+# ---- official sanity checks (checks.py, §4.7): warnings, never errors -------------------------------
+
+def sanity_checks(model, x, y, version, attacks, n_targets=9):
+    """checks.py on the first batch, before the attacks: randomised model, probability outputs, gradients
+    computed inside forward, too few classes. Returns the warnings."""
+    warnings = []
+    with torch.no_grad():
+        if version != "rand":  # randomised defence: 5 passes must agree
+            outs = [model(x) for _ in range(5)]
+            correct = [(o.max(1)[1] == y).sum().item() for o in outs]
+            unit = [o / ((o ** 2).view(len(o), -1).sum(-1).sqrt().view(-1, 1) + 1e-10) for o in outs]
+            max_diff = max(((unit[i] - unit[j]) ** 2).view(len(x), -1).sum(-1).sqrt().max().item()
+                           for i in range(5) for j in range(i + 1, 5))
+            if len(set(correct)) > 1 or max_diff > 1e-4:
+                warnings.append("the model looks randomised (outputs differ across passes): use --aa rand "
+                                "(fra31/auto-attack flags_doc.md)")
+        out = model(x)
+        if out.max() < 1. + 1e-5 and out.min() > -1e-5 and ((out.sum(-1) - 1.).abs() < 1e-5).all():
+            warnings.append("the outputs look like probabilities, not logits (fra31/auto-attack flags_doc.md)")
+    n_cls = out.shape[-1]
+
+    calls = 0  # a dynamic defence computes gradients inside its forward
+
+    def tracer(frame, event, arg):
+        nonlocal calls
+        if event == "call" and frame.f_code.co_name in ("grad", "backward", "_make_grads"):
+            calls += 1
+
+    previous = sys.gettrace()
+    sys.settrace(tracer)
+    try:
+        model(x)
+    finally:
+        sys.settrace(previous)
+    if calls:
+        warnings.append("the model computes gradients in its forward (a dynamic defence?): AutoAttack may "
+                        "be insufficient (fra31/auto-attack flags_doc.md)")
+
+    if ("apgd-dlr" in attacks or "apgd-t" in attacks) and n_cls <= 3:
+        warnings.append(f"{n_cls} classes: the {'DLR' if n_cls <= 2 else 'targeted DLR'} loss is not defined")
+    elif "apgd-t" in attacks and n_targets + 1 > n_cls:
+        warnings.append(f"APGD-T uses {n_targets} target classes but only {n_cls - 1} exist")
+    if "fab-t" in attacks and n_targets + 1 > n_cls:
+        warnings.append(f"FAB-T uses {n_targets} target classes but only {n_cls - 1} exist")
+    return warnings
+
+
+# ---- the ensemble (run_standard_evaluation, §4.1) -----------------------------------------------------
+
+def run_aa_attack(name, model, x, y, eps, seed, version, warn, square_queries=5000):
+    """One attack of the ensemble on one batch; Square also returns the queries it used per point."""
+    if name in ("apgd-ce", "apgd-dlr"):
+        return apgd(model, x, y, eps, loss=name[5:], seed=seed, eot_iter=20 if version == "rand" else 1, warn=warn)
+    if name == "apgd-t":
+        return apgd(model, x, y, eps, loss="dlr-targeted", seed=seed, warn=warn)
+    if name == "fab-t":
+        return fab_targeted(model, x, y, eps, seed=seed)
+    if name == "square":
+        return square(model, x, y, eps, seed=seed, n_queries=square_queries, return_queries=True)
+    raise ValueError(name)
+
+
+def autoattack(model, x, y, eps, *, version="standard", attacks=None, bs=250, seed=0, device="cpu",
+               quiet=True, checks=True, square_queries=5000):
+    """AutoAttack as run_standard_evaluation (§4.1): each attack only on the points still robust, always
+    from the clean image, seeded per attack and batch; a point's result is its worst case over the attacks.
+
+    x, y live on the CPU (batches move to `device`). Returns a dict with x_adv, y_adv, robust (per-point
+    flags), cumulative accuracies after each attack, seconds per attack and the sanity warnings."""
+    attacks = list(attacks or AA_VERSIONS[version])
+    warnings = []
+    if checks:
+        warnings += sanity_checks(model, x[:bs].to(device), y[:bs].to(device), version, attacks)
+    n = len(y)
+    robust = torch.zeros(n, dtype=torch.bool)
+    y_adv = torch.empty_like(y)
+    with torch.no_grad():
+        for lo in range(0, n, bs):
+            pred = predict(model, x[lo:lo + bs].to(device))
+            y_adv[lo:lo + bs] = pred.cpu()
+            robust[lo:lo + bs] = (pred == y[lo:lo + bs].to(device)).cpu()
+    cumulative = {"clean": robust.sum().item() / n}
+    seconds = {}
+    x_adv = x.clone()
+    queries = torch.zeros(n)
+    for name in attacks:
+        start = time.perf_counter()
+        num_robust = robust.sum().item()
+        if num_robust == 0:  # nothing left to attack: the remaining attacks are skipped
+            cumulative[name], seconds[name] = 0.0, 0.0
+            continue
+        robust_idx = robust.nonzero().flatten()  # ascending index order
+        bar = Progress(name, num_robust, quiet)
+        for lo in range(0, num_robust, bs):
+            idx = robust_idx[lo:lo + bs]
+            xb, yb = x[idx].clone().to(device), y[idx].clone().to(device)
+            check_frozen(model, name)
+            adv = run_aa_attack(name, model, xb, yb, eps, seed, version, warnings.append, square_queries)
+            if name == "square":
+                adv, q = adv
+                queries[idx] = q.cpu()
+            with torch.no_grad():
+                out = model(adv).max(1)[1]
+            broken = (out != yb).cpu()
+            robust[idx[broken]] = False
+            x_adv[idx[broken]] = adv[broken.to(adv.device)].detach().cpu()
+            y_adv[idx[broken]] = out[broken.to(out.device)].cpu()
+            bar.update(min(lo + bs, num_robust), f"robust {robust.sum().item() / n:.2%}")
+        cumulative[name] = robust.sum().item() / n
+        seconds[name] = time.perf_counter() - start
+    # checks.py check_square_sr: a black-box attack beating the white-box ones signals gradient masking
+    if "square" in cumulative and len(cumulative) > 2:
+        best_other = min(v for k, v in cumulative.items() if k != "square")
+        if cumulative["square"] < best_other - 0.002:
+            warnings.append(f"Square lowered the robust accuracy by {best_other - cumulative['square']:.2%} after "
+                            "the white-box attacks: the evaluation may be unreliable (gradient masking?)")
+    return dict(x_adv=x_adv, y_adv=y_adv, robust=robust, cumulative=cumulative, seconds=seconds, warnings=warnings,
+                square_queries=queries)
+
+
+def reevaluate(model, x, y, result, eps, bs, device, what, deterministic=True):
+    """The suite's re-evaluation (§4.1): a separate pass over x_adv must reproduce the robust flags
+    (for a randomised model, --aa rand, a disagreement is only counted)."""
+    x_adv, robust = result["x_adv"], result["robust"]
+    stats = dict(max_linf=check_bounds(x_adv, x, eps, what), n_nan=0, x_min=x_adv.min().item(),
+                 x_max=x_adv.max().item())
+    correct = torch.zeros(len(y), dtype=torch.bool)
+    for lo in range(0, len(y), bs):
+        correct[lo:lo + bs] = (predict(model, x_adv[lo:lo + bs].to(device)) == y[lo:lo + bs].to(device)).cpu()
+    stats["reevaluated_acc"] = correct.float().mean().item()
+    stats["n_disagree"] = int((correct != robust).sum())
+    if deterministic and stats["n_disagree"]:
+        common.fail(f"{what}: re-evaluating x_adv gives {correct.sum().item()} correct points, the attack "
+                    f"reported {robust.sum().item()} ({stats['n_disagree']} disagree); is the model stochastic "
+                    "or batch-dependent?")
+    return stats
+
+
+# ======================================================================================
+# Black-box: transfer from a surrogate (§5); Square as a query attack (§6) is autoattack() with
+# attacks=["square"]
+# ======================================================================================
+
+def parse_source(text):
+    """'ARCH:CKPT[:NORM]' -> (arch, path, norm)."""
+    arch, sep, rest = text.partition(":")
+    if not sep or not rest:
+        common.fail(f"--transfer-from {text!r}: expected ARCH:CKPT[:NORM]")
+    norm = "auto"
+    head, _, tail = rest.rpartition(":")
+    if head and tail in ("auto", "none", "cifar10", "cifar100"):
+        rest, norm = head, tail
+    return arch, rest, norm
+
+
+# ======================================================================================
+# Input quantisation Q (§7)
+# ======================================================================================
+
+def quantize(x, bits):
+    """Q_b(x) = round(x (2^b - 1)) / (2^b - 1): bit-depth reduction (Xu et al., NDSS 2018)."""
+    levels = 2 ** bits - 1
+    return torch.round(x * levels) / levels
+
+
+class Quantized(nn.Module):
+    """g = f o Q_b. With bpda=True the backward pass is the identity (x + sg(Q_b(x) - x))."""
+
+    def __init__(self, model, bits, bpda=False):
+        super().__init__()
+        self.model, self.bits, self.bpda = model, bits, bpda
+
+    def forward(self, x):
+        q = quantize(x, self.bits)
+        if self.bpda:
+            q = x + (q - x).detach()
+        return self.model(q)
+
+
+# ======================================================================================
+# Main: load, evaluate, print the table, write the JSON (§9)
+# ======================================================================================
+
+def sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def accuracy_record(correct, clean_correct, clean_acc, params, seconds):
+    acc = correct.float().mean().item()
+    return {"params": params, "acc": acc, "acc_and_clean": (correct & clean_correct).float().mean().item(),
+            "n_correct": int(correct.sum()), "w_robust": w_robust(clean_acc, acc), "seconds": round(seconds, 3)}
+
+
+def table_row(name, acc, acc_and_clean=None, wr=None, seconds=None):
+    cells = [f"{name:<24}", f"{100 * acc:>8.2f}"]
+    cells.append(f"{100 * acc_and_clean:>10.2f}" if acc_and_clean is not None else " " * 10)
+    cells.append(f"{100 * wr:>9.2f}" if wr is not None else " " * 9)
+    cells.append(f"{seconds:>9.1f}" if seconds is not None else "")
+    return " ".join(cells)
+
+
+def load_target(args, device):
+    norm = None if args.norm == "none" else args.norm
+    num_classes = common.DATASETS[args.dataset] if args.dataset else None
+    model, info = common.load_model(args.checkpoint, arch=args.arch, num_classes=num_classes, norm=norm,
+                                    device=device, unsafe=args.unsafe_load)
+    # suite checkpoints record their data set; other files: from the head width (SVHN needs --dataset)
+    dataset = args.dataset or info.get("dataset") or {100: "cifar100"}.get(info["num_classes"], "cifar10")
+    if common.DATASETS[dataset] != info["num_classes"]:
+        common.fail(f"{args.checkpoint} has {info['num_classes']} outputs but {dataset} has "
+                    f"{common.DATASETS[dataset]} classes; check --dataset")
+    return freeze_for_attack(model.float()), info, dataset
+
+
+def parse_grid(args):
+    text = args.quant_grid or (str(args.quant_bits) if args.quant_bits else "")
+    try:
+        grid = [int(b) for b in text.split(",") if b.strip()]
+    except ValueError:
+        common.fail(f"--quant-grid {text!r}: expected a comma list of bit depths, e.g. 3,4,5,6,7,8")
+    if any(not 1 <= b <= 16 for b in grid):
+        common.fail("--quant-grid: bit depths must lie in 1..16")
+    return grid
+
+
+def eval_clean(ctx):
+    """Clean accuracy, first (§1): far from the expected value means a wrong --norm or architecture."""
+    start, bs = time.perf_counter(), ctx.args.bs
+    correct = torch.zeros(len(ctx.y), dtype=torch.bool)
+    for lo in range(0, len(ctx.y), bs):
+        xb = ctx.x[lo:lo + bs].to(ctx.device)
+        correct[lo:lo + bs] = (checked_predict(ctx.model, xb, xb, ctx.eps, "clean", ctx.exact)
+                               == ctx.y[lo:lo + bs].to(ctx.device)).cpu()
+    ctx.clean_correct, ctx.clean = correct, correct.float().mean().item()
+    ctx.rows.append(table_row("clean", ctx.clean, seconds=time.perf_counter() - start))
+    ctx.say(f"clean accuracy {100 * ctx.clean:.2f}%")
+    return {"acc": ctx.clean, "n_correct": int(correct.sum()), "n": len(ctx.y)}
+
+
+def eval_whitebox(ctx, attacks):
+    """FGSM / PGD / CW-inf rows (§3): acc over all points, and acc_and_clean."""
+    res = {}
+    for name, params in attacks.items():
+        start = time.perf_counter()
+        correct, = run_attack(ctx.model, [ctx.model], ctx.x, ctx.y, ctx.eps, params, ctx.args.bs, ctx.device, name,
+                              ctx.args.seed, ctx.args.quiet, ctx.exact)
+        res[name] = accuracy_record(correct, ctx.clean_correct, ctx.clean, params, time.perf_counter() - start)
+        ctx.rows.append(table_row(name, res[name]["acc"], res[name]["acc_and_clean"], res[name]["w_robust"],
+                                  res[name]["seconds"]))
+        ctx.say(f"{name}: {100 * res[name]['acc']:.2f}%")
+    return res
+
+
+def eval_transfer(ctx, attacks):
+    """Transfer rows (§5): crafted on the surrogate with the true labels, classified by the target."""
+    arch, path, norm = parse_source(ctx.args.transfer_from)
+    source, info = common.load_model(path, arch=arch, num_classes=ctx.num_classes, norm=None if norm == "none" else norm,
+                                     device=ctx.device, unsafe=ctx.args.unsafe_load)
+    source = freeze_for_attack(source.float())
+    res = {}
+    for name, params in attacks.items():
+        start = time.perf_counter()
+        correct, src_correct = run_attack(source, [ctx.model, source], ctx.x, ctx.y, ctx.eps, params, ctx.args.bs,
+                                          ctx.device, f"transfer {name}", ctx.args.seed, ctx.args.quiet, ctx.exact)
+        acc = correct.float().mean().item()
+        res[name] = {"source": {"ckpt": path, "arch": arch, "norm": info["norm"]}, "params": params, "acc": acc,
+                     "n_correct": int(correct.sum()), "source_acc": src_correct.float().mean().item(),
+                     "clean_acc": ctx.clean, "w_robust": w_robust(ctx.clean, acc),
+                     "seconds": round(time.perf_counter() - start, 3)}
+        ctx.rows.append(table_row(f"transfer {name}", acc, None, res[name]["w_robust"], res[name]["seconds"]))
+    return res
+
+
+def eval_square_bb(ctx):
+    """Square alone as the query-based black-box attack (§6): the ensemble with Square only, i.e. on the
+    clean-correct points in batches of --aa-bs, seeded per batch."""
+    start, args = time.perf_counter(), ctx.args
+    r = autoattack(ctx.model, ctx.x, ctx.y, ctx.eps, attacks=["square"], bs=args.aa_bs, seed=args.aa_seed,
+                   device=ctx.device, quiet=args.quiet, checks=False, square_queries=args.square_queries)
+    reevaluate(ctx.model, ctx.x, ctx.y, r, ctx.eps, args.aa_bs, ctx.device, "square-bb", ctx.exact)
+    acc = r["robust"].float().mean().item()
+    broken = ctx.clean_correct & ~r["robust"]
+    res = {"n_queries": args.square_queries, "p_init": 0.8, "acc": acc, "n_correct": int(r["robust"].sum()),
+           "w_robust": w_robust(ctx.clean, acc),
+           "median_queries": r["square_queries"][broken].median().item() if broken.any() else None,
+           "seconds": round(time.perf_counter() - start, 3)}
+    ctx.rows.append(table_row(f"square-bb ({args.square_queries} q)", acc, None, res["w_robust"], res["seconds"]))
+    return res
+
+
+def eval_quant(ctx, attacks, grid):
+    """Q_b for every b of the grid (§7): non-adaptive (crafted on f, classified by g = f o Q_b) and, with
+    --quant-mode bpda, the straight-through attack on g. selected_b: highest W-Robust under fgsm20,
+    non-adaptive, on the evaluated set (D-EVAL-6)."""
+    args, x, y = ctx.args, ctx.x, ctx.y
+    gs = [freeze_for_attack(Quantized(ctx.model, b)) for b in grid]
+    res, clean = {str(b): {"nonadaptive": {}} for b in grid}, {}
+    for b, g in zip(grid, gs):
+        clean[b] = torch.cat([predict(g, x[lo:lo + args.bs].to(ctx.device)).cpu()
+                              for lo in range(0, len(y), args.bs)]).eq(y).float().mean().item()
+
+    def record(b, mode, name, correct, seconds):
+        acc = correct.float().mean().item()
+        res[str(b)][mode][name] = {"acc": acc, "clean_acc": clean[b], "w_robust": w_robust(clean[b], acc)}
+        ctx.rows.append(table_row(f"Q{b} {mode} {name}", acc, None, w_robust(clean[b], acc), seconds))
+
+    for name, params in attacks.items():  # crafted once on f, scored under every b
+        start = time.perf_counter()
+        correct = run_attack(ctx.model, gs, x, y, ctx.eps, params, args.bs, ctx.device, f"Q {name}", args.seed,
+                             args.quiet, ctx.exact)
+        for b, c in zip(grid, correct):
+            record(b, "nonadaptive", name, c, (time.perf_counter() - start) / len(grid))
+    if args.quant_mode == "bpda":
+        for b, g in zip(grid, gs):
+            res[str(b)]["bpda"] = {}
+            for name, params in attacks.items():
+                start = time.perf_counter()
+                c, = run_attack(freeze_for_attack(Quantized(ctx.model, b, bpda=True)), [g], x, y, ctx.eps, params,
+                                args.bs, ctx.device, f"Q{b} bpda {name}", args.seed, args.quiet, ctx.exact)
+                record(b, "bpda", name, c, time.perf_counter() - start)
+    key = "fgsm20" if "fgsm20" in attacks else next(iter(attacks))
+    res["selected_b"] = max(grid, key=lambda b: res[str(b)]["nonadaptive"][key]["w_robust"])
+    return res
+
+
+def eval_aa(ctx, version):
+    """AutoAttack in the version asked for (§4.5), re-evaluated and checked (§4.1); JSON of §9."""
+    args, key = ctx.args, AA_JSON_KEY[version]
+    if version == "individual":  # run_standard_evaluation_individual: each attack alone from the clean points
+        res = {}
+        for i, name in enumerate(AA_VERSIONS["standard"]):
+            start = time.perf_counter()
+            r = autoattack(ctx.model, ctx.x, ctx.y, ctx.eps, version="standard", attacks=[name], bs=args.aa_bs,
+                           seed=args.aa_seed, device=ctx.device, quiet=args.quiet, checks=i == 0)
+            reevaluate(ctx.model, ctx.x, ctx.y, r, ctx.eps, args.aa_bs, ctx.device, f"AA {name}")
+            ctx.warnings += r["warnings"]
+            res[name] = {"acc": r["cumulative"][name], "seconds": round(time.perf_counter() - start, 3)}
+            ctx.rows.append(table_row(f"AA {name} (alone)", res[name]["acc"], None, w_robust(ctx.clean, res[name]["acc"]),
+                                      res[name]["seconds"]))
+        return {key: res}
+    start = time.perf_counter()
+    r = autoattack(ctx.model, ctx.x, ctx.y, ctx.eps, version=version, bs=args.aa_bs, seed=args.aa_seed,
+                   device=ctx.device, quiet=args.quiet)
+    seconds = time.perf_counter() - start
+    stats = reevaluate(ctx.model, ctx.x, ctx.y, r, ctx.eps, args.aa_bs, ctx.device, "AutoAttack", ctx.exact)
+    acc = r["robust"].float().mean().item()
+    if acc > ctx.clean:
+        common.fail(f"AutoAttack accuracy {acc:.4f} above clean accuracy {ctx.clean:.4f}")
+    ctx.warnings += r["warnings"]
+    ctx.say(f"AutoAttack: max L-inf {stats['max_linf']:.5f}, x_adv in [{stats['x_min']:.5f}, {stats['x_max']:.5f}], "
+            f"no NaN, robust accuracy {100 * acc:.2f}%")
+    params = {"attacks": AA_VERSIONS[version], "norm": "Linf", "n_iter": 100, "n_restarts": 1, "rho": 0.75,
+              "n_target_classes": 9, "eot_iter": 20 if version == "rand" else 1}
+    if "fab-t" in params["attacks"]:
+        params["fab"] = {"alpha_max": 0.1, "eta": 1.05, "beta": 0.9}
+    if "square" in params["attacks"]:
+        params["square"] = {"n_queries": 5000, "p_init": 0.8, "loss": "margin", "resc_schedule": False}
+    for name in ["clean"] + AA_VERSIONS[version]:
+        ctx.rows.append(table_row(f"  {key}: {name}", r["cumulative"][name], None, None, r["seconds"].get(name)))
+    ctx.rows.append(table_row(key, acc, acc, w_robust(ctx.clean, acc), seconds))
+    return {key: {"version": version, "params": params, "eps": ctx.eps, "bs": args.aa_bs, "seed": args.aa_seed,
+                  "cumulative": r["cumulative"], "acc": acc, "n_correct": int(r["robust"].sum()),
+                  "w_robust": w_robust(ctx.clean, acc), **stats,
+                  "seconds": {**{k: round(v, 3) for k, v in r["seconds"].items()}, "total": round(seconds, 3)},
+                  "warnings": r["warnings"], "robust_flags": r["robust"].int().tolist()}}
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.amp is not None:
+        common.fail("--amp is refused: attacks run in fp32 (fp16 zeroes small input gradients and DLR's 1e-12 "
+                    "denominators); drop the flag")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        common.fail(f"--device {args.device} asked for, but CUDA is not available; use --device cpu")
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32  # fp32 unless --tf32 (§1)
+    if args.deterministic:
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    grid = parse_grid(args)
+    resolve_protocol(args, args.dataset)  # bad attack names or eps fail before a large checkpoint loads
+    if args.transfer_from:
+        parse_source(args.transfer_from)
+    model, info, dataset = load_target(args, device)
+    proto = resolve_protocol(args, dataset)
+    x_u8, y = common.load_split(dataset, args.data_dir, train=False, subset=args.n_ex)
+    ctx = argparse.Namespace(
+        args=args, model=model, x=x_u8.float().div(255), y=y, eps=proto["eps"], device=device,
+        num_classes=info["num_classes"], exact=proto["aa"] != "rand", rows=[], warnings=[],
+        say=(lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr, flush=True)))
+    ctx.say(f"{info['arch']} on {dataset} test[:{len(y)}], preset {proto['preset']}, eps {proto['eps_str']}, "
+            f"device {device}")
+
+    out = {"schema": "suite-eval/1", "checkpoint": str(args.checkpoint), "sha256": sha256(args.checkpoint),
+           "arch": info["arch"], "arch_kwargs": info["arch_kwargs"], "dataset": dataset,
+           "num_classes": info["num_classes"], "norm": info["norm"], "loader": info,
+           "preset": proto["preset"], "eps": ctx.eps, "eps_str": proto["eps_str"], "n_ex": len(y), "bs": args.bs,
+           "overrides": proto["overrides"],
+           "env": {**common.environment(), "numpy": np.__version__, "device": str(device),
+                   "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                   "tf32": args.tf32, "cudnn_deterministic": bool(torch.backends.cudnn.deterministic),
+                   "seed": args.seed, "aa_seed": args.aa_seed, "aa_bs": args.aa_bs}}
+    out["clean"] = eval_clean(ctx)
+    attacks = eval_whitebox(ctx, proto["whitebox"])
+    if proto["transfer"]:
+        attacks["transfer"] = eval_transfer(ctx, proto["transfer"])
+    if args.square_bb:
+        attacks["square_bb"] = eval_square_bb(ctx)
+    if grid:
+        attacks["quant"] = eval_quant(ctx, proto["quant"], grid)
+    if proto["aa"] != "off":
+        attacks.update(eval_aa(ctx, proto["aa"]))
+    out["attacks"] = attacks
+    out["warnings"] = list(dict.fromkeys(ctx.warnings))  # each distinct warning once
+
+    print(f"{'attack':<24} {'acc':>8} {'acc&clean':>10} {'W-Robust':>9} {'seconds':>9}")
+    print("\n".join(ctx.rows))
+    for w in out["warnings"]:
+        print(f"warning: {w}")
+    json_path = Path(args.json) if args.json else Path(args.checkpoint).resolve().parent / f"eval_{proto['preset']}.json"
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(out, indent=1) + "\n")
+    print(f"wrote {json_path}")
+
+
+if __name__ == "__main__":
+    main()

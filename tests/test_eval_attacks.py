@@ -1,0 +1,315 @@
+"""Unit and smoke tests of eval_attacks.py (shared/spec/eval_attacks.md §10.4).
+
+Parity with the official AutoAttack lives in tests/test_autoattack_parity.py.
+"""
+
+import importlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import eval_attacks as ea
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_cnn(seed=0):
+    """Two 3x3 convolutions and a linear layer with seeded weights; logits spread over the 10 classes."""
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, stride=2, padding=1),
+                        nn.ReLU(), nn.Flatten(), nn.Linear(8 * 8 * 8, 10))
+    calib = torch.rand(200, 3, 32, 32, generator=torch.Generator().manual_seed(seed + 100))
+    with torch.no_grad():
+        net[-1].weight.mul_(10 / net(calib).std(0).mean())
+        net[-1].bias.zero_()
+        net[-1].bias.sub_(net(calib).mean(0))
+    return net.eval().requires_grad_(False)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_cnn(0)
+
+
+@pytest.fixture(scope="module")
+def data(model):
+    x = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        y = model(x).max(1)[1]
+    return x, y
+
+
+def linf(a, b):
+    return (a - b).abs().max().item()
+
+
+def assert_valid(x_adv, x, eps):
+    assert not torch.isnan(x_adv).any()
+    assert x_adv.min() >= 0 and x_adv.max() <= 1
+    assert linf(x_adv, x) <= eps + 1e-6
+
+
+# ---- import, guards ---------------------------------------------------------------------------------
+
+def test_import_has_no_side_effects():
+    state = (torch.get_rng_state(), torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32,
+             torch.get_num_threads(), torch.is_grad_enabled())
+    importlib.reload(ea)
+    after = (torch.get_rng_state(), torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32,
+             torch.get_num_threads(), torch.is_grad_enabled())
+    assert torch.equal(state[0], after[0]) and state[1:] == after[1:]
+
+
+def test_amp_is_refused(capsys):
+    with pytest.raises(SystemExit) as e:
+        ea.main(["missing.pt", "--amp"])
+    assert e.value.code == 2
+    assert "--amp" in capsys.readouterr().err
+
+
+def test_guards_fail_loudly(model, data):
+    x, y = data
+    eps = 8 / 255
+    for bad in (x + 2 * eps, x.clone().fill_(float("nan")), x - 1.5):
+        with pytest.raises(SystemExit) as e:
+            ea.checked_predict(model, bad, x, eps, "test")
+        assert e.value.code == 2
+    stochastic = nn.Sequential(nn.Dropout(0.5), tiny_cnn(1)).train()  # its own copy: train() recurses
+    with pytest.raises(SystemExit):
+        ea.checked_predict(stochastic, x, x, eps, "test")
+    with pytest.raises(SystemExit):
+        ea.check_frozen(nn.Linear(2, 2), "test")
+    ea.check_frozen(model, "test")
+
+
+# ---- the PGD routine (§3) ---------------------------------------------------------------------------
+
+def test_one_pgd_step_by_hand():
+    """A linear model on 6 pixels, CE_mean over two points, injected start noise: sign(0) = 0 on the pixel
+    every class ignores, projection to the eps-ball and the [0,1] clamp are all active."""
+    eps, step = 0.1, 0.15
+    w = torch.tensor([[1.0, -2.0, 0.0, 0.5, 1.5, -1.0],
+                      [-1.0, 1.0, 0.0, -0.5, 0.5, 2.0],
+                      [0.5, 0.5, 0.0, 1.0, -2.0, 0.5]])
+    bias = torch.tensor([0.1, -0.2, 0.3])
+    model = nn.Sequential(nn.Flatten(), nn.Linear(6, 3)).eval()
+    with torch.no_grad():
+        model[1].weight.copy_(w)
+        model[1].bias.copy_(bias)
+    model.requires_grad_(False)
+    x = torch.tensor([[0.0, 0.5, 0.5, 1.0, 0.2, 0.95], [0.3, 0.05, 0.7, 0.4, 0.98, 0.6]]).view(2, 1, 2, 3)
+    y = torch.tensor([0, 2])
+    noise = torch.tensor([[-0.1, 0.1, 0.05, 0.1, -0.05, 0.08], [0.02, -0.09, 0.1, -0.1, 0.07, 0.0]]).view(2, 1, 2, 3)
+
+    x0 = (x + noise).clamp(0, 1)  # uniform-clamp start
+    logits = x0.flatten(1) @ w.T + bias
+    g = (F.softmax(logits, 1) - F.one_hot(y, 3)) @ w / 2  # d CE_mean / d x0, by hand
+    s = torch.sign(g).view_as(x)
+    assert (s.flatten(1)[:, 2] == 0).all() and (s.flatten(1)[:, [0, 1, 3, 4, 5]] != 0).all()
+    expected = torch.min(torch.max(x0 + step * s, x - eps), x + eps).clamp(0, 1)
+    assert (expected != (x0 + step * s)).any()  # projection or clamp bound somewhere
+
+    got = ea.pgd(model, x, y, eps, steps=1, step=step, start="uniform-clamp", noise=noise)
+    assert torch.equal(got, expected)
+    unclamped = ea.pgd(model, x, y, eps, steps=0, step=step, start="uniform", noise=noise)
+    assert torch.equal(unclamped, x + noise)  # 'uniform' keeps the start outside the box
+
+
+@pytest.mark.parametrize("name", list(ea.WHITEBOX))
+def test_whitebox_attack_stays_in_ball_and_raises_loss(model, data, name):
+    x, y = data
+    eps = 8 / 255
+    p = dict(ea.WHITEBOX[name])
+    p["step"] = eps if p["step"] is None else p["step"]
+    torch.manual_seed(0)
+    x_adv = ea.pgd(model, x, y, eps, min(p["steps"], 50), p["step"], p["start"], p["loss"], p.get("kappa", 50.0))
+    assert_valid(x_adv, x, eps)
+    with torch.no_grad():
+        if p["loss"] == "ce":
+            assert F.cross_entropy(model(x_adv), y) > F.cross_entropy(model(x), y)
+        else:
+            assert ea.cw_loss(model(x_adv), y, p["kappa"]) > ea.cw_loss(model(x), y, p["kappa"])
+
+
+def test_cw_loss_on_crafted_logits():
+    # all logits negative: the 1e4 mask keeps the true class out of the max (a (1-onehot)*z mask would give 0)
+    z, y = torch.tensor([[-5.0, -1.0, -3.0]]), torch.tensor([1])
+    assert ea.cw_loss(z, y, kappa=0.0).item() == -2.0
+    # a tie between the true class and another: margin 0, loss -kappa
+    assert ea.cw_loss(torch.tensor([[2.0, 2.0, 0.0]]), torch.tensor([0]), kappa=50.0).item() == -50.0
+    # kappa binding (margin + kappa < 0): loss 0 and no gradient; not binding: margin + kappa
+    z = torch.tensor([[100.0, 0.0, 0.0]], requires_grad=True)
+    loss = ea.cw_loss(z, torch.tensor([1]), kappa=50.0)
+    assert loss.item() == 0.0
+    assert torch.equal(torch.autograd.grad(loss, z)[0], torch.zeros_like(z))
+    assert ea.cw_loss(torch.tensor([[10.0, 0.0, 0.0]]), torch.tensor([1]), kappa=50.0).item() == -40.0
+    # 100 classes, several points: the one-hot follows the output width
+    g = torch.Generator().manual_seed(0)
+    z, y = 5 * torch.randn(6, 100, generator=g), torch.randint(0, 100, (6,), generator=g)
+    ref = sum(max((z[i, y[i]] - torch.cat([z[i, :y[i]], z[i, y[i] + 1:]]).max() + 50.0).item(), 0.0) for i in range(6))
+    assert ea.cw_loss(z, y, 50.0).item() == pytest.approx(-ref, rel=1e-6)
+
+
+# ---- AutoAttack pieces (§4) ---------------------------------------------------------------------------
+
+def test_targets_are_the_2nd_to_10th_largest_clean_logits(model, data, monkeypatch):
+    x, y = data
+    assert torch.equal(ea.aa_target(torch.tensor([[0.1, 3.0, 2.0, -1.0]]), 2), torch.tensor([2]))
+    real, calls = ea.aa_target, []
+
+    def spy(logits, k):
+        calls.append((logits.clone(), k))
+        return real(logits, k)
+
+    monkeypatch.setattr(ea, "aa_target", spy)
+    with torch.no_grad():
+        clean = model(x)
+    for run in (lambda: ea.apgd(model, x, y, 1e-6, loss="dlr-targeted", n_iter=2),
+                lambda: ea.fab_targeted(model, x, y, 1e-6, n_iter=2)):
+        calls.clear()
+        run()  # eps 1e-6 breaks nothing, so every target runs on every point
+        assert [k for _, k in calls] == list(range(2, 11))
+        order = clean.argsort(1, descending=True)
+        for logits, k in calls:
+            assert torch.allclose(logits, clean)
+            assert torch.equal(real(logits, k), order[:, k - 1])
+        targets = torch.stack([real(lg, k) for lg, k in calls], 1)  # 9 distinct non-true classes
+        assert all(set(t.tolist()) == set(range(10)) - {c} for t, c in zip(targets, y.tolist()))
+
+
+def test_aa_attacks_stay_in_ball(model, data):
+    x, y = data
+    eps = 2 / 255
+    outs = [ea.apgd(model, x, y, eps, loss="ce", n_iter=10), ea.apgd(model, x, y, eps, loss="dlr", n_iter=10),
+            ea.apgd(model, x, y, eps, loss="dlr-targeted", n_iter=5, n_target_classes=2),
+            ea.fab_targeted(model, x, y, eps, n_iter=10, n_target_classes=2), ea.square(model, x, y, eps, n_queries=200)]
+    for adv in outs:
+        assert_valid(adv, x, eps)
+        unchanged = (adv == x).flatten(1).all(1)
+        with torch.no_grad():
+            fooled = model(adv).max(1)[1] != y
+        assert (unchanged | fooled).all()  # a point is replaced only by an adversarial example
+
+
+def test_ensemble_accounting(model, data):
+    x, y = data
+    y = y.clone()
+    y[0] = (y[0] + 1) % 10  # one point misclassified clean
+    eps = 8 / 255  # APGD-CE breaks every point, so APGD-T is skipped (nothing robust left)
+    r = ea.autoattack(model, x, y, eps, version="fast", bs=3, seed=0)
+    assert r["cumulative"] == {"clean": 7 / 8, "apgd-ce": 0.0, "apgd-t": 0.0} and not r["robust"].any()
+    assert torch.equal(r["x_adv"][0], x[0]) and r["y_adv"][0] != y[0]  # clean-wrong: clean image, clean prediction
+    with torch.no_grad():
+        assert torch.equal(r["y_adv"], model(r["x_adv"]).max(1)[1])
+    stats = ea.reevaluate(model, x, y, r, eps, 3, "cpu", "test")
+    assert stats["reevaluated_acc"] == 0.0 and stats["max_linf"] <= eps + 1e-6 and stats["n_nan"] == 0
+    r["robust"][1] = True  # a flag the re-evaluation cannot reproduce
+    with pytest.raises(SystemExit):
+        ea.reevaluate(model, x, y, r, eps, 3, "cpu", "test")
+
+
+# ---- quantisation, W-Robust, presets (§7, §8, §2) ----------------------------------------------------------
+
+def test_quantize_known_values():
+    x = torch.tensor([0.0, 0.2, 0.5, 0.51, 1.0])
+    assert torch.equal(ea.quantize(x, 1), torch.tensor([0.0, 0.0, 0.0, 1.0, 1.0]))  # round half to even
+    assert torch.equal(ea.quantize(x, 2), torch.tensor([0.0, 1 / 3, 2 / 3, 2 / 3, 1.0]))
+    assert torch.equal(ea.quantize(torch.tensor([0.3]), 3), torch.tensor([2 / 7]))
+    levels = torch.arange(256) / 255
+    assert torch.equal(ea.quantize(levels, 8), levels)  # 8 bits leave CIFAR pixels unchanged
+
+
+def test_bpda_passes_the_gradient_through():
+    w = torch.randn(1, 12, generator=torch.Generator().manual_seed(0))
+    f = nn.Sequential(nn.Flatten(), nn.Linear(12, 1, bias=False))
+    with torch.no_grad():
+        f[1].weight.copy_(w)
+    f.requires_grad_(False)
+    x = torch.rand(1, 3, 2, 2, requires_grad=True)
+    for bpda, expected in ((True, w.view(1, 3, 2, 2)), (False, torch.zeros(1, 3, 2, 2))):
+        g = ea.Quantized(f, 3, bpda=bpda)
+        out = g(x)
+        assert torch.allclose(out, f(ea.quantize(x, 3)), atol=1e-6)
+        assert torch.allclose(torch.autograd.grad(out.sum(), x)[0], expected)
+
+
+def test_w_robust():
+    assert ea.w_robust(0.8736, 0.6120) == pytest.approx(0.7428)  # MTARD Table 2: (87.36 + 61.20) / 2
+
+
+def test_presets(monkeypatch):
+    args = ea.parse_args(["c.pt"])
+    p = ea.resolve_protocol(args, "cifar10")
+    assert p["eps"] == 8 / 255 and p["aa"] == "standard" and list(p["whitebox"]) == ["fgsm", "pgd_sat", "pgd_trades", "cw"]
+    assert p["whitebox"]["cw"] == dict(steps=20, step=2 / 255, start="uniform-clamp", loss="cw", kappa=50.0)
+    assert p["whitebox"]["fgsm"]["step"] == 8 / 255 and p["whitebox"]["fgsm"]["start"] == "none"
+    assert ea.resolve_protocol(ea.parse_args(["c.pt", "--preset", "mtard"]), "cifar10")["preset"] == "rslad"
+    assert ea.resolve_protocol(ea.parse_args(["c.pt", "--preset", "iad"]), "cifar10")["whitebox"]["cw"]["steps"] == 30
+    assert ea.resolve_protocol(ea.parse_args(["c.pt", "--preset", "ardir"]), "svhn")["whitebox"]["pgd20"]["step"] == 1 / 255
+    adt = ea.resolve_protocol(ea.parse_args(["c.pt", "--preset", "adt", "--long"]), "cifar10")
+    assert adt["eps"] == 0.031 and adt["aa"] == "off" and "fgsm1000" in adt["whitebox"]
+    assert adt["whitebox"]["fgsm20"]["start"] == "uniform" and adt["whitebox"]["cw20"]["step"] == 0.003
+    o = ea.resolve_protocol(ea.parse_args(["c.pt", "--eps", "4/255", "--cw-kappa", "0", "--pgd-start", "uniform",
+                                           "--attacks", "pgd_trades,cw"]), "cifar10")
+    assert o["eps"] == 4 / 255 and o["whitebox"]["cw"]["kappa"] == 0 and o["whitebox"]["pgd_trades"]["start"] == "uniform"
+    assert set(o["overrides"]) == {"eps", "cw_kappa", "pgd_start", "attacks"}
+
+
+# ---- smoke run on the fixture data, JSON schema (§9) ---------------------------------------------------------
+
+def test_cli_smoke_writes_json(cifar_dir, tmp_path):
+    common = pytest.importorskip("common")
+    if not hasattr(common, "build_model"):
+        pytest.skip("common.build_model not available yet")
+    torch.manual_seed(0)
+    net = common.build_model("cnn_small", 10, None)
+    ckpt = tmp_path / "last.pt"
+    common.save_checkpoint(ckpt, common.checkpoint_dict(net.eval(), kind="last", epoch=1, dataset="cifar10", args={}))
+    out = tmp_path / "eval.json"
+    cmd = [sys.executable, str(REPO / "eval_attacks.py"), str(ckpt), "--data-dir", str(cifar_dir), "--device", "cpu",
+           "--n-ex", "6", "--bs", "4", "--attacks", "fgsm,pgd_sat,cw", "--aa", "fast", "--aa-bs", "6",
+           "--transfer-from", f"cnn_small:{ckpt}", "--transfer-attacks", "pgd20", "--square-bb",
+           "--square-queries", "20", "--quant-grid", "4,8", "--quant-mode", "bpda", "--json", str(out), "--quiet"]
+    # one OpenMP thread: on a shared 2-core machine, spinning worker threads can slow a tiny run 100-fold
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr
+    assert "clean" in run.stdout and "aa_fast" in run.stdout
+    j = json.loads(out.read_text())
+    assert j["schema"] == "suite-eval/1" and j["dataset"] == "cifar10" and j["n_ex"] == 6 and j["eps"] == 8 / 255
+    for key in ("checkpoint", "sha256", "arch", "arch_kwargs", "num_classes", "norm", "loader", "preset", "eps_str",
+                "bs", "env", "clean", "attacks", "warnings"):
+        assert key in j
+    for key in ("torch", "cuda", "cudnn", "device", "tf32", "cudnn_deterministic", "seed", "aa_seed", "aa_bs",
+                "host", "date"):
+        assert key in j["env"]
+    assert set(j["clean"]) == {"acc", "n_correct", "n"}
+    for name in ("fgsm", "pgd_sat", "cw"):
+        rec = j["attacks"][name]
+        assert set(rec) >= {"params", "acc", "acc_and_clean", "n_correct", "w_robust", "seconds"}
+        assert 0 <= rec["acc_and_clean"] <= min(rec["acc"], j["clean"]["acc"])
+        assert rec["w_robust"] == pytest.approx((j["clean"]["acc"] + rec["acc"]) / 2)
+    aa = j["attacks"]["aa_fast"]
+    assert list(aa["cumulative"]) == ["clean", "apgd-ce", "apgd-t"] and aa["acc"] <= j["clean"]["acc"]
+    assert aa["reevaluated_acc"] == aa["acc"] and len(aa["robust_flags"]) == 6 and aa["max_linf"] <= j["eps"] + 1e-6
+    assert sum(aa["robust_flags"]) == aa["n_correct"]
+    assert set(j["attacks"]["transfer"]["pgd20"]) >= {"source", "params", "acc", "source_acc", "w_robust"}
+    assert set(j["attacks"]["square_bb"]) >= {"n_queries", "p_init", "acc", "w_robust", "median_queries"}
+    q = j["attacks"]["quant"]
+    assert q["selected_b"] in (4, 8) and set(q["4"]) == {"nonadaptive", "bpda"}
+    assert set(q["8"]["bpda"]["fgsm20"]) == {"acc", "clean_acc", "w_robust"}
