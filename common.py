@@ -921,8 +921,12 @@ def _jsonable(value):
 
 
 def _rng_state():
-    state = {"cpu": torch.get_rng_state(), "numpy": torch.from_numpy(
-        np.frombuffer(pickle.dumps(np.random.get_state()), dtype=np.uint8).copy())}
+    """Generator states as tensors and primitives, so that last.pt stays readable with weights_only."""
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    _, py_state, py_gauss = random.getstate()
+    state = {"cpu": torch.get_rng_state(), "python": list(py_state), "python_gauss": py_gauss,
+             "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "gauss": float(gauss)}}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -930,7 +934,9 @@ def _rng_state():
 
 def _set_rng_state(state):
     torch.set_rng_state(state["cpu"])
-    np.random.set_state(pickle.loads(state["numpy"].numpy().tobytes()))  # noqa: S301 - our own bytes
+    random.setstate((3, tuple(state["python"]), state["python_gauss"]))
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -1062,6 +1068,26 @@ def measure_teacher(run, teacher, test_data, cfg, prefix="teacher"):
     run.log({"epoch": 0, **record})
     robust = "" if m["robust"] is None else f", {run.args.monitor} {100 * m['robust']:.2f}%"
     print(f"{prefix}: clean {100 * m['clean']:.2f}%{robust} on {len(test_data.y)} test images", flush=True)
+    return record
+
+
+def measure_norms(run, model, test_data, prefix="teacher"):
+    """Clean accuracy of a normalising model under each data set's constants, logged once (a teacher
+    whose constants are a per-checkpoint fact, e.g. WRN-70-16 on CIFAR-100: rslad.md §4)."""
+    base = unwrap_model(model)
+    if base.mean is None:
+        return {}
+    saved = base.mean.clone(), base.std.clone()
+    record = {}
+    for name, (mean, std) in NORMS.items():
+        base.mean.copy_(torch.tensor(mean).view(1, 3, 1, 1))
+        base.std.copy_(torch.tensor(std).view(1, 3, 1, 1))
+        record[f"{prefix}/clean_{name}_norm"] = monitor(model, test_data, None)["clean"]
+    base.mean.copy_(saved[0])
+    base.std.copy_(saved[1])
+    run.log({"epoch": 0, **record})
+    print(f"{prefix}: clean " + ", ".join(f"{100 * v:.2f}% with {k.split('_')[1]} constants" for k, v in record.items())
+          + f" (in use: {getattr(run.args, prefix + '_norm', None)})", flush=True)
     return record
 
 

@@ -121,8 +121,8 @@ def inner_max(student, x_nat, y, logits_teacher, args):
 # --------------------------------------------------------------------------------------
 
 def kl_div(p, log_q, reduction, eps=0.0):
-    """KL(p ‖ q) = Σ p (log(p + eps) − log q) with the suite's reductions (shared/spec/README.md)."""
-    e = p * (torch.log(p + eps) - log_q)
+    """KL(p ‖ q) = Σ p (log(p + eps) − log q) with the suite's reductions (shared/spec/README.md); 0·log 0 = 0."""
+    e = torch.xlogy(p, p + eps) - p * log_q
     if reduction == "sum":
         return e.sum()
     return e.sum() / len(p) if reduction == "batchmean" else e.mean()
@@ -132,9 +132,13 @@ def loss_fn(logits_adv, logits_nat, logits_teacher, args):
     """RSLAD Eq. 3 as the official scripts compute it; returns the loss and its logged terms."""
     if args.outer == "ard":  # D-RSLAD-5: ARD's loss, alpha 1, tau 30, elemmean; S(x) runs and weighs 0
         tau = 30.0
-        kl = tau * tau * kl_div(F.softmax(logits_teacher / tau, dim=1), F.log_softmax(logits_adv / tau, dim=1), "elemmean")
+        p_tau, log_q_tau = F.softmax(logits_teacher / tau, dim=1), F.log_softmax(logits_adv / tau, dim=1)
+        kl = tau * tau * kl_div(p_tau, log_q_tau, "elemmean")
         return kl, {"loss": kl, "kl_adv": kl}
-    log_softmax = (lambda z: torch.log(F.softmax(z, dim=1))) if args.log_of_softmax else (lambda z: F.log_softmax(z, dim=1))
+    if args.log_of_softmax:  # D-RSLAD-2: the CIFAR-100 scripts' torch.log(F.softmax(.))
+        log_softmax = lambda z: torch.log(F.softmax(z, dim=1))  # noqa: E731
+    else:
+        log_softmax = lambda z: F.log_softmax(z, dim=1)  # noqa: E731
     p_teacher = F.softmax(logits_teacher, dim=1)
     # official kl_loss: p * (log(p + 1e-5) - log q), then torch.mean over B x C (elemmean), times k
     kl_adv = args.kl_scale * kl_div(p_teacher, log_softmax(logits_adv), args.kl_reduction, eps=1e-5)
@@ -192,6 +196,8 @@ def main(argv=None):
     start = run.begin(student, optimizer)
     if not run.resumed and args.teacher_dtype == "fp32":
         common.measure_teacher(run, teacher, test_data, cfg)
+        if args.dataset == "cifar100":  # rslad.md §4: both normalisations of WRN-70-16, D-RSLAD-3
+            common.measure_norms(run, teacher, test_data)
 
     for epoch in range(start, args.epochs + 1):
         for g in optimizer.param_groups:

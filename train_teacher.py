@@ -36,10 +36,12 @@ RECIPES = {
                           lr_milestones=[74, 89], monitor="clean", seed=0),
     "natural-iad": dict(kind="natural", arch="resnet18", epochs=200, batch_size=128, lr=0.1, wd=2e-4,
                         lr_milestones=[99, 149], monitor="clean", seed=1),
+    # D-TEACH-5: IAD's ST.py with PreActResNet-18 and ARDIR's wd 5e-4
     "natural-ardir": dict(kind="natural", arch="preact_resnet18", epochs=200, batch_size=128, lr=0.1, wd=5e-4,
                           lr_milestones=[99, 149], monitor="clean", seed=1),
     # Madry config.json: 80k iterations, boundaries 40k/60k, pad 2, remainder dropped, wd on DW only,
-    # train-mode BN in the attack, CE summed over the batch in pgd_attack.py
+    # train-mode BN in the attack, CE summed over the batch in pgd_attack.py. D-TEACH-8: no per-image
+    # standardisation, no logging passes; D-TEACH-9: best.pt by pgd20-monitor (Madry selects nothing)
     "sat-madry": dict(kind="sat", arch="resnet18", iterations=80000, batch_size=128, lr=0.1, wd=2e-4,
                       lr_milestones=[40000, 60000], pad=2, eps=8 / 255, attack_step=2 / 255, attack_steps=10,
                       rand_start="uniform-clamp", attack_bn="train", attack_loss="ce_sum", wd_scope="weights",
@@ -48,14 +50,17 @@ RECIPES = {
                     lr_milestones=[99, 149], eps=8 / 255, attack_step=2 / 255, attack_steps=10,
                     rand_start="uniform-clamp", attack_bn="eval", attack_loss="ce_mean", monitor="pgd10-madry",
                     seed=1),
+    # D-TEACH-5: IAD's AT.py with PreActResNet-18, ARDIR's wd 5e-4 and PGD-20 selection (SVHN step 1/255)
     "sat-ardir": dict(kind="sat", arch="preact_resnet18", epochs=200, batch_size=128, lr=0.1, wd=5e-4,
                       lr_milestones=[99, 149], eps=8 / 255, attack_step=2 / 255, attack_steps=10,
                       rand_start="uniform-clamp", attack_bn="eval", attack_loss="ce_mean", monitor="pgd20-sat",
                       seed=1),
-    # train_trades_cifar10.py: 76 epochs, adjust_learning_rate decays from epochs 75, 90, 100
+    # train_trades_cifar10.py: 76 epochs, adjust_learning_rate decays from epochs 75, 90, 100.
+    # D-TEACH-7: eps 0.031 / step 0.007 kept; D-TEACH-9: best.pt by pgd20-monitor (TRADES selects nothing)
     "trades": dict(kind="trades", arch="wrn34_10", epochs=76, batch_size=128, lr=0.1, wd=2e-4,
                    lr_milestones=[74, 89, 99], eps=0.031, attack_step=0.007, attack_steps=10, beta=6.0,
                    rand_start="normal001", attack_bn="eval", monitor="pgd20-monitor", seed=1),
+    # D-TEACH-4: TRADES loss and attack with IAD's eps/step/K, schedule and selection
     "trades-iad": dict(kind="trades", arch="resnet18", epochs=200, batch_size=128, lr=0.1, wd=2e-4,
                        lr_milestones=[99, 149], eps=8 / 255, attack_step=2 / 255, attack_steps=10, beta=6.0,
                        rand_start="normal001", attack_bn="eval", monitor="pgd10-madry", seed=1),

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+import torch.nn as nn
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -82,8 +84,6 @@ def run_script(*args, cwd, timeout=600):
 @pytest.fixture(scope="session")
 def teacher_ckpt(tmp_path_factory):
     """A cnn_small teacher in the suite's checkpoint format (seeded random weights)."""
-    import torch
-
     import common
     torch.manual_seed(0)
     model = common.build_model("cnn_small")
@@ -92,6 +92,41 @@ def teacher_ckpt(tmp_path_factory):
     return path
 
 
+def read_metrics(run_dir):
+    """metrics.jsonl as a list of dicts."""
+    import json
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def check_best_reloads(run_dir, data_dir, n_test):
+    """best.pt reloads through common.load_model and scores, on the first n_test test images, exactly
+    the clean accuracy logged for its epoch; returns the loaded best.pt dict."""
+    import common
+    best = torch.load(run_dir / "best.pt", weights_only=True)
+    model, _ = common.load_model(run_dir / "best.pt")
+    x, y = common.load_split(best["dataset"], data_dir, train=False, subset=n_test, download=False)
+    with torch.no_grad():
+        acc = (model(x.float() / 255).argmax(1) == y).float().mean().item()
+    logged = next(m for m in read_metrics(run_dir) if m["epoch"] == best["epoch"])["test_clean"]
+    assert acc == logged, (acc, logged)
+    return best
+
+
 def sgd_first_step(params, grads, lr, wd):
     """First step of SGD(momentum, weight_decay) written out: the momentum buffer starts as g + wd*p."""
     return [p - lr * (g + wd * p) for p, g in zip(params, grads)]
+
+
+def tiny_cnn(seed=0):
+    """Two 3x3 convolutions and a linear layer, 10 classes, fixed seeded weights, eval() and frozen. The
+    head is rescaled and its bias centred on a seeded calibration batch so that uniform-noise inputs
+    spread over the classes (the attack tests and the AutoAttack parity tests use it)."""
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, stride=2, padding=1),
+                        nn.ReLU(), nn.Flatten(), nn.Linear(8 * 8 * 8, 10))
+    calib = torch.rand(200, 3, 32, 32, generator=torch.Generator().manual_seed(seed + 100))
+    with torch.no_grad():
+        net[-1].weight.mul_(10 / net(calib).std(0).mean())
+        net[-1].bias.zero_()
+        net[-1].bias.sub_(net(calib).mean(0))
+    return net.eval().requires_grad_(False)

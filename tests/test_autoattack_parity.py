@@ -22,6 +22,7 @@ from pyautoattack.fab_pt import FABAttack_PT  # noqa: E402
 from pyautoattack.square import SquareAttack  # noqa: E402
 
 import eval_attacks as ea  # noqa: E402
+from conftest import tiny_cnn as shared_tiny_cnn  # noqa: E402
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -41,18 +42,9 @@ class Quantize(nn.Module):
 
 
 def tiny_cnn(seed=0, masked=False):
-    """Two 3x3 convolutions and a linear layer, 10 classes, fixed seeded weights. The head is rescaled and
-    its bias centred on a seeded calibration batch so that uniform-noise inputs spread over the classes."""
-    torch.manual_seed(seed)
-    net = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, stride=2, padding=1),
-                        nn.ReLU(), nn.Flatten(), nn.Linear(8 * 8 * 8, 10))
-    calib = torch.rand(200, 3, 32, 32, generator=torch.Generator().manual_seed(seed + 100))
-    with torch.no_grad():
-        net[-1].weight.mul_(10 / net(calib).std(0).mean())
-        net[-1].bias.zero_()
-        net[-1].bias.sub_(net(calib).mean(0))
-    model = nn.Sequential(Quantize(), net) if masked else net
-    return model.eval().requires_grad_(False)
+    """conftest.tiny_cnn, optionally behind a rounding layer that masks gradients."""
+    net = shared_tiny_cnn(seed)
+    return nn.Sequential(Quantize(), net).eval() if masked else net
 
 
 def points(model, n, seed, n_wrong=1):

@@ -191,6 +191,17 @@ def test_suite_checkpoint_round_trip(tmp_path):
     assert not torch.allclose(plain(x), model(x))
 
 
+def test_rng_state_round_trip_is_weights_only(tmp_path):
+    import random
+    random.seed(3), np.random.seed(4), torch.manual_seed(5)
+    random.gauss(0, 1)  # leaves a cached value behind
+    common.save_checkpoint(tmp_path / "rng.pt", {"rng": common._rng_state()})
+    expected = (random.gauss(0, 1), random.random(), np.random.rand(), torch.rand(1).item())
+    random.seed(9), np.random.seed(9), torch.manual_seed(9)
+    common._set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True)["rng"])
+    assert (random.gauss(0, 1), random.random(), np.random.rand(), torch.rand(1).item()) == expected
+
+
 def test_save_is_atomic(tmp_path, monkeypatch):
     _, path = suite_ckpt(tmp_path)
     before = path.read_bytes()

@@ -16,21 +16,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import eval_attacks as ea
+from conftest import tiny_cnn
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def tiny_cnn(seed=0):
-    """Two 3x3 convolutions and a linear layer with seeded weights; logits spread over the 10 classes."""
-    torch.manual_seed(seed)
-    net = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, stride=2, padding=1),
-                        nn.ReLU(), nn.Flatten(), nn.Linear(8 * 8 * 8, 10))
-    calib = torch.rand(200, 3, 32, 32, generator=torch.Generator().manual_seed(seed + 100))
-    with torch.no_grad():
-        net[-1].weight.mul_(10 / net(calib).std(0).mean())
-        net[-1].bias.zero_()
-        net[-1].bias.sub_(net(calib).mean(0))
-    return net.eval().requires_grad_(False)
 
 
 @pytest.fixture(autouse=True, scope="module")

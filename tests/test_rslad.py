@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import common
 import rslad
-from conftest import ROOT, run_script, sgd_first_step
+from conftest import ROOT, check_best_reloads, read_metrics, run_script, sgd_first_step
 
 
 def args_for(*extra):
@@ -209,19 +209,36 @@ def test_smoke_subprocess_and_best_reload(cifar_dir, teacher_ckpt, tmp_path):
     assert run.name.startswith("rslad__cifar10__cnn_small__s0__")
     saved = json.loads((run / "args.json").read_text())
     assert (saved["teacher_arch"], saved["teacher_norm"], saved["kl_scale"]) == ("cnn_small", "none", 1.0)
-    lines = [json.loads(s) for s in (run / "metrics.jsonl").read_text().splitlines()]
+    lines = read_metrics(run)
     assert lines[0]["epoch"] == 0 and "teacher/clean" in lines[0] and "teacher/robust" in lines[0]
     epochs = lines[1:]
     assert [m["epoch"] for m in epochs] == [1, 2]
     assert all({"kl_adv", "kl_nat", "loss", "test_clean", "test_robust", "images_per_s"} <= set(m) for m in epochs)
-    best = torch.load(run / "best.pt", weights_only=True)
+    best = check_best_reloads(run, cifar_dir, 32)
     assert best["select"]["value"] == max(m["test_robust"] for m in epochs)
-    model, _ = common.load_model(run / "best.pt")
-    x, y = common.load_split("cifar10", cifar_dir, train=False, subset=32, download=False)
-    with torch.no_grad():
-        acc = (model(x.float() / 255).argmax(1) == y).float().mean().item()
-    assert acc == pytest.approx(next(m for m in epochs if m["epoch"] == best["epoch"])["test_clean"], abs=1e-9)
     assert torch.load(run / "last.pt", weights_only=True)["epoch"] == 2
+
+
+def test_cifar100_logs_teacher_under_both_normalisations(cifar100_dir, tmp_path):
+    torch.manual_seed(0)
+    model = common.build_model("cnn_small", 100, norm="cifar10")
+    path = tmp_path / "t100.pt"
+    common.save_checkpoint(path, common.checkpoint_dict(model, kind="best", epoch=1, dataset="cifar100", args={}))
+    rslad.main(["--teacher", str(path), "--dataset", "cifar100", "--data-dir", str(cifar100_dir), "--arch", "cnn_small",
+                "--epochs", "1", "--train-subset", "32", "--test-subset", "40", "--attack-steps", "1", "--device", "cpu",
+                "--runs-dir", str(tmp_path / "runs")])
+    (run,) = (tmp_path / "runs").iterdir()
+    first = read_metrics(run)[:2]
+    x, y = common.load_split("cifar100", cifar100_dir, train=False, subset=40, download=False)
+    model.eval()
+    for name in ("cifar10", "cifar100"):
+        model.mean.copy_(torch.tensor(common.NORMS[name][0]).view(1, 3, 1, 1))
+        model.std.copy_(torch.tensor(common.NORMS[name][1]).view(1, 3, 1, 1))
+        with torch.no_grad():
+            acc = (model(x.float() / 255).argmax(1) == y).float().mean().item()
+        assert first[1][f"teacher/clean_{name}_norm"] == acc
+    assert first[0]["teacher/clean"] == first[1]["teacher/clean_cifar10_norm"]  # the recorded constants are in use
+    assert json.loads((run / "args.json").read_text())["kl_scale"] == 10.0
 
 
 def test_bad_teacher_is_one_line(cifar_dir, cifar100_dir, teacher_ckpt, tmp_path, capsys):

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import common
 import train_teacher as tt
-from conftest import ROOT, run_script
+from conftest import ROOT, check_best_reloads, read_metrics, run_script
 
 TINY = ["--arch", "cnn_small", "--train-subset", "96", "--test-subset", "32", "--attack-steps", "2", "--batch-size", "32"]
 
@@ -153,10 +153,6 @@ def test_inner_max_ball_box_objective_and_bn_mode(recipe, moves):
 # Runs: resume, smoke
 # ---------------------------------------------------------------------------------------------
 
-def read_metrics(run_dir):
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
 def test_resume_equals_uninterrupted_run(cifar_dir, tmp_path, monkeypatch):
     base = ["--recipe", "sat-iad", *TINY, "--epochs", "3", "--data-dir", str(cifar_dir), "--device", "cpu"]
     tt.main(base + ["--runs-dir", str(tmp_path / "a")])
@@ -218,14 +214,7 @@ def test_smoke_subprocess(recipe, cifar_dir, tmp_path):
         assert saved["iterations"] == 5 and saved["epochs"] == 2
     if recipe == "trades":
         assert {"ce", "kl", "loss"} <= set(metrics[0])
-    best = torch.load(run / "best.pt", weights_only=True)
+    best = check_best_reloads(run, cifar_dir, 32)
     key = "test_clean" if recipe == "natural-rslad" else "test_robust"
     assert best["select"]["value"] == max(m[key] for m in metrics)
     assert best["epoch"] == metrics[-1]["best_epoch"]
-    # the reloaded best.pt scores the clean accuracy that was logged for its epoch
-    model, _ = common.load_model(run / "best.pt")
-    x, y = common.load_split("cifar10", cifar_dir, train=False, subset=32, download=False)
-    with torch.no_grad():
-        acc = (model(x.float() / 255).argmax(1) == y).float().mean().item()
-    logged = next(m for m in metrics if m["epoch"] == best["epoch"])["test_clean"]
-    assert acc == pytest.approx(logged, abs=1e-9)
