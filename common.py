@@ -55,9 +55,13 @@ def positive_int(text):
     return value
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line and exit status 2, like every other error of the suite
+        fail(f"{message} (see --help)")
+
+
 def parser(description):
-    return argparse.ArgumentParser(description=description,
-                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    return _Parser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 
 
 def add_run_args(p, *, monitor, eval_every=1, eval_all_from=None, eval_first=False, seed=0,
@@ -1013,11 +1017,9 @@ class Run:
         with open(self.dir / "metrics.jsonl", "a") as fh:
             fh.write(json.dumps(_jsonable(record)) + "\n")
 
-    def end_epoch(self, epoch, metrics, model, optimizer, *, value=None, extra=None, images=None,
-                  seconds=None, total_epochs=None):
+    def end_epoch(self, epoch, metrics, model, optimizer, *, value=None, extra=None, images=None, seconds=None):
         """Log the epoch, update best.pt (highest `value`, ties keep the earlier epoch), write last.pt."""
         args = self.args
-        total_epochs = total_epochs or args.epochs
         record = {"epoch": epoch, **metrics}
         if seconds is not None:
             self.epoch_seconds.append(seconds)
@@ -1042,7 +1044,7 @@ class Run:
                              metrics=record, select=last_select, optimizer=optimizer, extra=extra)
         ck["rng"] = _rng_state()
         save_checkpoint(self.dir / "last.pt", ck)
-        print(self._progress(record, total_epochs), flush=True)
+        print(self._progress(record, args.epochs), flush=True)
         return record
 
     def _progress(self, r, total):
@@ -1051,7 +1053,7 @@ class Run:
             if k in ("epoch", "seconds", "images_per_s", "best_epoch", "best_value") or v is None:
                 continue
             if isinstance(v, float):
-                parts.append(f"{k} {100 * v:.2f}" if k.endswith(("clean", "robust")) else f"{k} {v:.4g}")
+                parts.append(f"{k} {100 * v:.2f}" if k.endswith(("clean", "robust", "acc")) else f"{k} {v:.4g}")
         if "images_per_s" in r:
             parts.append(f"{r['images_per_s']:.0f} img/s")
         if self.epoch_seconds:

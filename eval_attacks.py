@@ -78,8 +78,7 @@ AA_JSON_KEY = {"standard": "autoattack", "fast": "aa_fast", "rand": "aa_rand", "
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = common.parser(__doc__.split("\n\n")[0])
     p.add_argument("checkpoint", help="any checkpoint common.load_model reads (suite last.pt/best.pt or official files)")
     g = p.add_argument_group("model and data (§1)")
     g.add_argument("--arch", default=None, help="architecture (required for non-suite checkpoints)")

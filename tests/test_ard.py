@@ -137,4 +137,5 @@ def test_smoke_subprocess_and_best_reload(cifar_dir, teacher_ckpt, tmp_path):
 def test_teacher_is_required(capsys):
     with pytest.raises(SystemExit) as e:
         ard.parse_args([])
-    assert e.value.code == 2 and "--teacher" in capsys.readouterr().err
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error: ") and "--teacher" in err[0]
