@@ -112,9 +112,27 @@ def check_best_reloads(run_dir, data_dir, n_test):
     return best
 
 
-def sgd_first_step(params, grads, lr, wd):
-    """First step of SGD(momentum, weight_decay) written out: the momentum buffer starts as g + wd*p."""
-    return [p - lr * (g + wd * p) for p, g in zip(params, grads)]
+def check_first_step(student, terms, ref, loss, lr, wd):
+    """`student` after the script's first SGD step (and its logged loss) equals `ref` updated by hand
+    from `loss`, computed independently on ref: loss to 1e-6, parameters to 1e-5, BN buffers to 1e-6.
+    SGD(momentum, weight_decay) written out: the first momentum buffer is g + wd*p."""
+    assert abs(terms["loss"].item() - loss.item()) <= 1e-6
+    params = [q.detach() for q in ref.parameters()]
+    grads = torch.autograd.grad(loss, list(ref.parameters()))
+    for got, p, g in zip(student.parameters(), params, grads):
+        assert torch.allclose(got, p - lr * (g + wd * p), atol=1e-5)
+    for got, want in zip(student.buffers(), ref.buffers()):
+        assert torch.allclose(got.float(), want.float(), atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread (AutoAttack parity, §10.1 of eval_attacks.md: another thread count may
+    reorder float sums)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def tiny_cnn(seed=0):

@@ -8,10 +8,16 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import (
+    ROOT,
+    check_best_reloads,
+    check_first_step,
+    read_metrics,
+    run_script,
+)
+from test_rslad import np_kl_terms, np_log_softmax, random_logits, setup_models
 
 import ard
-from conftest import ROOT, check_best_reloads, read_metrics, run_script, sgd_first_step
-from test_rslad import np_kl_terms, np_log_softmax, random_logits, setup_models
 
 
 def args_for(*extra):
@@ -106,14 +112,7 @@ def test_one_step_equals_independent_computation():
         p = F.softmax(teacher(x) / 5, 1)
     z_nat = ref(x)
     loss = 0.8 * 25 * (p * (torch.log(p) - F.log_softmax(z_adv / 5, 1))).mean() + 0.2 * F.cross_entropy(z_nat, y)
-    grads = torch.autograd.grad(loss, list(ref.parameters()))
-    expected = sgd_first_step([q.detach() for q in ref.parameters()], grads, a.lr, a.wd)
-
-    assert terms["loss"].item() == pytest.approx(loss.item(), abs=1e-6)
-    for got, want in zip(student.parameters(), expected):
-        assert torch.allclose(got, want, atol=1e-5)
-    for got, want in zip(student.buffers(), ref.buffers()):
-        assert torch.allclose(got.float(), want.float(), atol=1e-6)
+    check_first_step(student, terms, ref, loss, a.lr, a.wd)
 
 
 def test_smoke_subprocess_and_best_reload(cifar_dir, teacher_ckpt, tmp_path):

@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 
 pyautoattack = pytest.importorskip("pyautoattack")
+from conftest import tiny_cnn as shared_tiny_cnn  # noqa: E402
 from pyautoattack import AutoAttack  # noqa: E402
 from pyautoattack.autopgd_base import APGDAttack, APGDAttack_targeted  # noqa: E402
 from pyautoattack.fab_projections import projection_linf as official_projection_linf  # noqa: E402
@@ -22,16 +23,8 @@ from pyautoattack.fab_pt import FABAttack_PT  # noqa: E402
 from pyautoattack.square import SquareAttack  # noqa: E402
 
 import eval_attacks as ea  # noqa: E402
-from conftest import tiny_cnn as shared_tiny_cnn  # noqa: E402
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """§10.1: one thread for both implementations (a different thread count may reorder float sums)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Quantize(nn.Module):

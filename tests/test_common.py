@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import N_TEST, N_TRAIN_PER_FILE, synthetic_images
 
 import common
-from conftest import N_TEST, N_TRAIN_PER_FILE, synthetic_images
 
 
 def expect_exit(capsys, fn, *args, match, **kwargs):

@@ -8,10 +8,16 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import (
+    ROOT,
+    check_best_reloads,
+    check_first_step,
+    read_metrics,
+    run_script,
+)
 
 import common
 import rslad
-from conftest import ROOT, check_best_reloads, read_metrics, run_script, sgd_first_step
 
 
 def args_for(*extra):
@@ -186,14 +192,7 @@ def test_one_step_equals_independent_computation():
     ref.train()
     kl = lambda z: (p * (torch.log(p + 1e-5) - F.log_softmax(z, 1))).mean()
     loss = 5 / 6 * kl(ref(x_adv)) + 1 / 6 * kl(ref(x))
-    grads = torch.autograd.grad(loss, list(ref.parameters()))
-    expected = sgd_first_step([q.detach() for q in ref.parameters()], grads, a.lr, a.wd)
-
-    assert terms["loss"].item() == pytest.approx(loss.item(), abs=1e-6)
-    for got, want in zip(student.parameters(), expected):
-        assert torch.allclose(got, want, atol=1e-5)
-    for got, want in zip(student.buffers(), ref.buffers()):
-        assert torch.allclose(got.float(), want.float(), atol=1e-6)
+    check_first_step(student, terms, ref, loss, a.lr, a.wd)
 
 
 # ---------------------------------------------------------------------------------------------

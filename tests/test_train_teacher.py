@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import ROOT, check_best_reloads, read_metrics, run_script
 
 import common
 import train_teacher as tt
-from conftest import ROOT, check_best_reloads, read_metrics, run_script
 
 TINY = ["--arch", "cnn_small", "--train-subset", "96", "--test-subset", "32", "--attack-steps", "2", "--batch-size", "32"]
 
