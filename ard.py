@@ -65,6 +65,7 @@ def parse_args(argv=None):
                    help="code: one decay after epoch 100 (adjust_learning_rate bug); paper: decays after 100 and 150")
     g.add_argument("--lr-milestones", type=common.positive_int, nargs="*", default=None,
                    help="replace the schedule: lr x0.1 after each listed epoch, e.g. 215 260 285 for ARD-300 (D-ARD-5)")
+    # D-ARD-3: best.pt by main.py test()'s PGD-10 every epoch (it ranks nothing); --monitor pgd20-monitor as RSLAD
     common.add_run_args(p, monitor="pgd10-ard", eval_every=1, seed=0, test_batch_size=100)
     args = p.parse_args(argv)
     if args.batch_size is None:

@@ -68,6 +68,7 @@ def parse_args(argv=None):
     g.add_argument("--wd", type=common.parse_float, default=2e-4, help="SGD weight decay")
     g.add_argument("--lr-milestones", type=common.positive_int, nargs="*", default=[215, 260, 285],
                    help="multiply lr by 0.1 after each of these epochs (the code's reading of 'at the 215th, ...')")
+    # D-RSLAD-4: the scripts' attack_pgd at epochs 20, 40, ..., 200 and every epoch from 215; --eval-every 1
     common.add_run_args(p, monitor="pgd20-monitor", eval_every=20, eval_all_from=215, seed=0)
     args = p.parse_args(argv)
     if args.kl_scale is None:

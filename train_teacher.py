@@ -4,11 +4,11 @@ Specification: shared/spec/teachers.md. Each `--recipe` reproduces one official 
 
 | recipe          | source                                               | reproduces                                   |
 |-----------------|------------------------------------------------------|----------------------------------------------|
-| natural-rslad   | RSLAD §4.1 (no code)                                 | Natural rows of RSLAD Tables 3-4, MTARD T. 2 |
+| natural-rslad   | RSLAD §4.1 (no code)                                 | Natural rows; ResNet-56, WRN (D-TEACH-2, -3) |
 | natural-iad     | ZFancy/IAD:pre_train/ST.py@a8091a8                   | IAD-II / AKD² standard teacher T_st          |
 | natural-ardir   | natural-iad + PreActResNet-18, wd 5e-4 (D-TEACH-5)   | ARDIR clean teacher                          |
-| sat-madry       | MadryLab/cifar10_challenge@f15682d, ported           | SAT rows of RSLAD Tables 3-4, MTARD Table 2  |
-| sat-iad         | ZFancy/IAD:pre_train/AT.py@a8091a8                   | IAD's AT teacher; black-box surrogate        |
+| sat-madry       | MadryLab/cifar10_challenge@f15682d, ported           | SAT rows of RSLAD/MTARD tables (D-TEACH-1)   |
+| sat-iad         | ZFancy/IAD:pre_train/AT.py@a8091a8                   | IAD's AT teacher; surrogate (D-TEACH-6)      |
 | sat-ardir       | ARDIR §4.1 + IAD's AT script (D-TEACH-5)             | ARDIR SAT teacher: 80.94 / 52.29 (C-10)      |
 | trades          | yaodongyu/TRADES:trades.py@6e8e11b                   | TRADES rows of RSLAD Tables 3-4 (β = 6)      |
 | trades-iad      | TRADES loss + IAD's settings (D-TEACH-4)             | IAD Table 2 TRADES rows                      |
