@@ -17,7 +17,7 @@ Evaluate with: python eval_attacks.py runs/<run>/best.pt --preset ard
 Smoke run on CPU:
     python ard.py --teacher runs/<teacher-run>/best.pt --arch cnn_small --epochs 2 --train-subset 512 --test-subset 128
 
-Specification: shared/spec/ard.md (decisions D-ARD-1..5); official code goldblum/AdversariallyRobustDistillation@779ade3.
+Decisions D-ARD-1..5, defaults and their sources: docs/ard.md. Official code: goldblum/AdversariallyRobustDistillation@779ade3.
 """
 
 import torch
@@ -27,14 +27,11 @@ import common
 
 
 def parse_args(argv=None):
-    p = common.parser("ARD (Goldblum et al., AAAI 2020): adversarially robust distillation")
+    p = common.parser("ard", "ARD (Goldblum et al., AAAI 2020): adversarially robust distillation")
     g = p.add_argument_group("models")
-    g.add_argument("--teacher", "--teacher-ckpt", required=True, help="teacher checkpoint (any format common.load_model reads)")
-    g.add_argument("--teacher-arch", choices=common.ARCHS, default=None,
-                   help="teacher architecture when the file does not say (default: wrn34_10; dm_wrn70_16 on CIFAR-100, D-ARD-1)")
-    g.add_argument("--teacher-norm", choices=["none", "cifar10", "cifar100"], default=None,
-                   help="teacher's input normalisation (default: recorded in suite checkpoints, else none; "
-                        "cifar10 for WRN-70-16 on CIFAR-100, D-ARD-1)")
+    common.add_teacher_args(p, g, arch_help="default: wrn34_10; dm_wrn70_16 on CIFAR-100, D-ARD-1",
+                            norm_help="default: the suite checkpoint's record, else none; cifar10 for the "
+                                      "WRN-70-16 on CIFAR-100, D-ARD-1")
     g.add_argument("--arch", choices=common.ARCHS, default="mobilenet_v2",
                    help="student architecture (official default MobileNetV2, D-ARD-2; resnet18 for RSLAD/MTARD rows)")
     g = p.add_argument_group("loss")
@@ -47,8 +44,8 @@ def parse_args(argv=None):
                    help="input of the CE term: clean x (official code, RSLAD Table 1) or x' (ARDIR Eq. 5; "
                         "reuses S(x') and drops the clean pass) (D-ARD-4)")
     g = p.add_argument_group("inner maximisation (ARD main.py config)")
-    g.add_argument("--eps", type=common.parse_float, default=8 / 255, help="L-inf radius epsilon")
-    g.add_argument("--attack-step", type=common.parse_float, default=2 / 255, help="PGD step size")
+    g.add_argument("--eps", type=common.parse_float, default="8/255", help="L-inf radius epsilon")
+    g.add_argument("--attack-step", type=common.parse_float, default="2/255", help="PGD step size")
     g.add_argument("--attack-steps", type=common.positive_int, default=10, help="PGD steps")
     g.add_argument("--attack-bn", choices=["train", "eval"], default="train",
                    help="student BatchNorm mode during the attack (official: train, every attack pass updates BN)")
@@ -57,7 +54,7 @@ def parse_args(argv=None):
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=common.positive_int, default=200, help="training epochs")
     g.add_argument("--batch-size", type=common.positive_int, default=None,
-                   help="training batch size (default 128; 256 on CIFAR-100 as main.py)")
+                   help="training batch size (default: 128; 256 on CIFAR-100 as main.py)")
     g.add_argument("--lr", type=common.parse_float, default=0.1, help="initial SGD learning rate")
     g.add_argument("--momentum", type=common.parse_float, default=0.9, help="SGD momentum")
     g.add_argument("--wd", type=common.parse_float, default=2e-4, help="SGD weight decay")
@@ -67,10 +64,13 @@ def parse_args(argv=None):
                    help="replace the schedule: lr x0.1 after each listed epoch, e.g. 215 260 285 for ARD-300 (D-ARD-5)")
     # D-ARD-3: best.pt by main.py test()'s PGD-10 every epoch (it ranks nothing); --monitor pgd20-monitor as RSLAD
     common.add_run_args(p, monitor="pgd10-ard", eval_every=1, seed=0, test_batch_size=100)
-    args = p.parse_args(argv)
+    return common.parse(p, argv, resolve=resolve_defaults, rules={"alpha": ("in [0, 1]", lambda v: 0 <= v <= 1)}), p
+
+
+def resolve_defaults(args):
+    """Defaults that depend on the data set (docs/ard.md §3)."""
     if args.batch_size is None:
         args.batch_size = 256 if args.dataset == "cifar100" else 128  # main.py builds a 256 loader for CIFAR-100
-    return args, p
 
 
 # --------------------------------------------------------------------------------------
@@ -78,11 +78,12 @@ def parse_args(argv=None):
 # --------------------------------------------------------------------------------------
 
 def random_start(x_nat, eps, start):
+    """The named starts of docs/conventions.md; none of them is clamped unless its name says so."""
     if start == "normal001":
         return x_nat + 0.001 * torch.randn_like(x_nat)
     if start == "none":
         return x_nat.clone()
-    x_adv = x_nat + torch.empty_like(x_nat).uniform_(-eps, eps)  # official: not clamped before the first forward
+    x_adv = x_nat + torch.empty_like(x_nat).uniform_(-eps, eps)
     return x_adv.clamp(0, 1) if start == "uniform-clamp" else x_adv
 
 
@@ -110,9 +111,10 @@ def inner_max(student, x_nat, y, args):
 # Loss
 # --------------------------------------------------------------------------------------
 
-def kl_div(p, log_q, reduction):
-    """KL(p ‖ q) = Σ p (log p − log q) with the suite's reductions (shared/spec/README.md)."""
-    e = F.kl_div(log_q, p, reduction="none")
+def kl_div(p, log_q, reduction, eps=0.0):
+    """KL(p ‖ q) = Σ p (log(p + eps) − log q) with the suite's reductions (docs/conventions.md); 0·log 0 = 0.
+    With eps = 0 this is exactly what F.kl_div / nn.KLDivLoss compute."""
+    e = torch.xlogy(p, p + eps) - p * log_q
     if reduction == "sum":
         return e.sum()
     return e.sum() / len(p) if reduction == "batchmean" else e.mean()
@@ -146,7 +148,7 @@ def lr_at(epoch, args):
     """lr of 1-indexed `epoch`."""
     if args.lr_milestones is not None:  # D-ARD-5
         return args.lr * 0.1 ** sum(epoch > m for m in args.lr_milestones)
-    if args.lr_schedule == "paper":  # decays at 100 and 150 (shared/papers/iad.md §5.1 describing ARD's setup)
+    if args.lr_schedule == "paper":  # decays at 100 and 150 (IAD paper §5.1, describing the setup it copies from ARD)
         return args.lr * 0.1 ** ((epoch > 100) + (epoch > 150))
     # code: main.py@779ade3 adjust_learning_rate multiplies the *initial* lr by 0.1 when the 0-indexed
     # epoch is 100 or 150, so it sets 0.01 twice and never reaches 0.001; --lr-schedule paper
@@ -158,9 +160,8 @@ def lr_at(epoch, args):
 # --------------------------------------------------------------------------------------
 
 def main(argv=None):
-    args, p = parse_args(argv)
-    run = common.Run("ard", args, args.arch, p, may_change=("teacher",))
-    args = run.args
+    args, _ = parse_args(argv)
+    run = common.Run("ard", args, args.arch)
     device = common.setup_device(args)
     common.seed_everything(args.seed, args.deterministic)
     num_classes = common.DATASETS[args.dataset]
@@ -169,11 +170,7 @@ def main(argv=None):
     test_data = common.test_loader(args, device=device)
     default_teacher = "dm_wrn70_16" if args.dataset == "cifar100" else "wrn34_10"
     teacher, _ = common.load_teacher(args, device, default_teacher)
-    try:
-        student = common.build_model(args.arch, num_classes)
-    except ValueError as e:
-        common.fail(str(e))
-    student = common.prepare_model(student, args, device)
+    student = common.prepare_model(common.build_model(args.arch, num_classes), args, device)
     optimizer = torch.optim.SGD(student.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.wd)
     cfg = common.monitor_config(args.monitor, args.dataset)
     start = run.begin(student, optimizer)
@@ -191,7 +188,7 @@ def main(argv=None):
                 for k, v in terms.items():
                     totals[k] = totals.get(k, 0) + v.detach() * len(y)
                 n_seen += len(y)
-        metrics = {"lr": optimizer.param_groups[0]["lr"], **{k: float(v) / n_seen for k, v in totals.items()}}
+        metrics = run.train_metrics(epoch, totals, n_seen, optimizer, student)
         value = None
         if common.is_monitor_epoch(args, epoch):
             m = common.monitor(student, test_data, cfg)

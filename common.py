@@ -1,7 +1,7 @@
 """Infrastructure shared by every script of the suite: data, architectures, checkpoints, runs,
 precision helpers and the per-epoch robustness monitor. No method logic lives here.
 
-Specification: shared/spec/common.md (section numbers below refer to it) and shared/spec/README.md.
+Specification: docs/common.md (section numbers below refer to it) and docs/conventions.md.
 Every model takes inputs in [0,1]; a model that needs normalisation does it inside `forward`.
 Importing this module has no side effects.
 """
@@ -9,6 +9,7 @@ Importing this module has no side effects.
 import argparse
 import contextlib
 import datetime
+import hashlib
 import json
 import math
 import os
@@ -31,18 +32,21 @@ import torch.nn.functional as F
 # Errors and argument parsing
 # ======================================================================================
 
-def fail(msg):
-    """One-line error for the user, exit status 2 (the status argparse uses for bad flags)."""
+def fail(msg, status=2):
+    """One-line error for the user and exit. Status 2 (argparse's) for bad input; 1 for a run that diverged."""
     print(f"error: {msg}", file=sys.stderr, flush=True)
-    raise SystemExit(2)
+    raise SystemExit(status)
 
 
 def parse_float(text):
-    """'8/255', '0.031' or '2e-4' -> float; for argparse `type=`."""
+    """'8/255', '0.031' or '2e-4' -> a finite float; for argparse `type=`."""
     try:
-        return float(Fraction(str(text).strip())) if "/" in str(text) else float(text)
+        value = float(Fraction(str(text).strip())) if "/" in str(text) else float(text)
     except (ValueError, ZeroDivisionError):
         raise argparse.ArgumentTypeError(f"not a number or fraction: {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"not a finite number: {text!r}")
+    return value
 
 
 def positive_int(text):
@@ -55,13 +59,131 @@ def positive_int(text):
     return value
 
 
+def _positive(v):
+    return v > 0
+
+
+# Allowed values of the flags every script shares, checked in one place (`parse`) before anything is
+# loaded or written. A script adds its own with `parse(..., rules=...)`. Non-finite floats never get
+# here: `parse_float` refuses them.
+VALUE_RULES = {
+    "eps": ("in [0, 1]", lambda v: 0 <= v <= 1),
+    "attack_step": ("a positive number", _positive),
+    "lr": ("a positive number", _positive),
+    "wd": ("a number >= 0", lambda v: v >= 0),
+    "momentum": ("in [0, 1)", lambda v: 0 <= v < 1),
+    "temp": ("a positive number", _positive),
+    "kl_scale": ("a positive number", _positive),
+}
+
+
+def check_values(args, rules=None):
+    """Refuse a flag value outside its allowed range: one line naming the flag, exit status 2."""
+    for dest, (allowed, ok) in {**VALUE_RULES, **(rules or {})}.items():
+        value = getattr(args, dest, None)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and not ok(value):
+            fail(f"--{dest.replace('_', '-')} must be {allowed}, got {value:g}")
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Appends "(default: X)" once, and only where the help text does not already state the default:
+    flags whose default is resolved after parsing (None here) say their resolved value in words."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if ("default" in text or not action.option_strings or action.default in (None, False, argparse.SUPPRESS)
+                or isinstance(action, argparse.BooleanOptionalAction)):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, script, *a, **k):
+        super().__init__(*a, prog=f"{script}.py", **k)
+        self.script = script
+        self.resume_may_change = set(RESUME_MAY_CHANGE)  # flags --resume lets the user give again
+
     def error(self, message):  # one line and exit status 2, like every other error of the suite
         fail(f"{message} (see --help)")
 
 
-def parser(description):
-    return _Parser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def parser(script, description):
+    """The argument parser of `script`.py: one-line errors with exit status 2, each default shown once."""
+    return _Parser(script, description=description, formatter_class=_HelpFormatter)
+
+
+# Flags that may differ from the saved run on --resume: where things are (a moved data folder or
+# teacher file), where it runs, and a longer run. Everything else is the saved run's.
+RESUME_MAY_CHANGE = ("resume", "device", "epochs", "data_dir", "runs_dir", "unsafe_load", "compile")
+
+
+def _given_flags(p, argv):
+    """dest -> value of the flags typed on the command line (read from argv, not by comparing defaults)."""
+    saved = [(a, a.default, a.required) for a in p._actions]
+    try:
+        for a, _, _ in saved:
+            a.default, a.required = argparse.SUPPRESS, False
+        given = vars(p.parse_args(argv))
+    finally:
+        for a, default, required in saved:
+            a.default, a.required = default, required
+    return given
+
+
+def _flag(dest):
+    return "--" + dest.replace("_", "-")
+
+
+def parse(p, argv=None, resolve=None, rules=None):
+    """Parse a training script's flags. With --resume, the saved run's flags come back from its last.pt
+    and only the flags in `p.resume_may_change` may be typed with a new value; any other flag typed
+    with a value that differs from the saved one is refused. `resolve(args)` then fills the defaults
+    that depend on other flags (a no-op for a resumed run, whose values are already resolved), and
+    every value is range-checked before anything is loaded or written."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    for a in p._actions:
+        if a.dest == "resume":
+            a.help = ("continue a killed run from its last.pt, in its folder, with its saved flags; only "
+                      + ", ".join(_flag(d) for d in sorted(p.resume_may_change - {"resume"})) + " may be given again")
+    given = _given_flags(p, argv)
+    if given.get("resume") is None:
+        args = p.parse_args(argv)
+        args._resumed_changes = None
+    else:
+        args = _resumed_args(p, given)
+    if resolve is not None:
+        resolve(args)
+    check_values(args, rules)
+    return args
+
+
+def _resumed_args(p, given):
+    path = given["resume"]
+    ck = load_checkpoint(path, unsafe=False)
+    if not (isinstance(ck, dict) and ck.get("kind") == "last" and "optimizer" in ck and isinstance(ck.get("args"), dict)):
+        fail(f"{path} is not a last.pt written by this suite; --resume needs one")
+    saved = ck["args"]
+    if saved.get("script") not in (None, p.script):
+        fail(f"{path} was written by {saved.get('script')}.py, not {p.script}.py")
+    changed = [d for d, v in given.items() if d not in p.resume_may_change and _jsonable(v) != saved.get(d)]
+    if changed:
+        fail("--resume continues the saved run with its saved flags; "
+             + ", ".join(f"{_flag(d)} {_jsonable(given[d])} differs from the saved {saved.get(d)}" for d in changed)
+             + "; only " + ", ".join(_flag(d) for d in sorted(p.resume_may_change - {"resume"})) + " may change")
+    args = argparse.Namespace()
+    for a in p._actions:  # flags the saved run predates keep their default
+        if a.dest != "help":
+            default = a.default
+            if isinstance(default, str) and a.type is not None:
+                default = a.type(default)
+            setattr(args, a.dest, default)
+    for k, v in saved.items():
+        if k not in ("script", "env"):
+            setattr(args, k, v)
+    args._resumed_changes = {d: _jsonable(v) for d, v in given.items() if d != "resume" and _jsonable(v) != saved.get(d)}
+    for d, v in given.items():
+        setattr(args, d, v)
+    return args
 
 
 def add_run_args(p, *, monitor, eval_every=1, eval_all_from=None, eval_first=False, seed=0,
@@ -78,12 +200,11 @@ def add_run_args(p, *, monitor, eval_every=1, eval_all_from=None, eval_first=Fal
     g.add_argument("--test-batch-size", type=positive_int, default=test_batch_size, help="batch size of the monitor")
     g.add_argument("--seed", type=int, default=seed, help="seed of torch, numpy and random")
     g.add_argument("--runs-dir", default="runs", help="parent folder of the run folder")
-    g.add_argument("--resume", default=None, metavar="LAST_PT",
-                   help="continue a killed run from its last.pt, in its run folder, with its saved flags")
+    g.add_argument("--resume", default=None, metavar="LAST_PT", help="(set in parse)")
     g.add_argument("--unsafe-load", action="store_true",
                    help="allow checkpoints that need pickle execution (torch.load(weights_only=False)); only for files you trust")
     g = p.add_argument_group("speed and precision")
-    g.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
+    g.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available, else cpu)")
     g.add_argument("--amp", default="off", choices=["off", "bf16"],
                    help="bf16 autocast around network forwards only; attack iterates, losses and the monitor stay fp32")
     g.add_argument("--channels-last", action="store_true", help="channels-last memory format for models and batches")
@@ -91,14 +212,32 @@ def add_run_args(p, *, monitor, eval_every=1, eval_all_from=None, eval_first=Fal
     g.add_argument("--deterministic", action="store_true",
                    help="deterministic cuDNN kernels and torch.use_deterministic_algorithms (slower)")
     g.add_argument("--no-tf32", action="store_true", help="disable TF32 matmuls/convolutions during training")
-    g = p.add_argument_group("robustness monitor and checkpoint selection (common.md §7)")
+    g = p.add_argument_group("robustness monitor and checkpoint selection (docs/common.md §7)")
     g.add_argument("--monitor", default=monitor, choices=sorted(MONITORS),
                    help="test-set attack that scores each monitored epoch; best.pt is its maximum")
     g.add_argument("--eval-every", type=positive_int, default=eval_every, help="monitor at epochs divisible by N")
     g.add_argument("--eval-all-from", type=positive_int, default=eval_all_from, help="and at every epoch >= E")
-    g.add_argument("--eval-first", action=argparse.BooleanOptionalAction, default=eval_first, help="and at epoch 1")
-    g.add_argument("--eval-last", action=argparse.BooleanOptionalAction, default=True, help="and at the final epoch")
+    g.add_argument("--eval-first", action=argparse.BooleanOptionalAction, default=eval_first,
+                   help=f"and at epoch 1 (default: {'on' if eval_first else 'off'})")
+    g.add_argument("--eval-last", action=argparse.BooleanOptionalAction, default=True,
+                   help="and at the final epoch (default: on)")
     return p
+
+
+def add_teacher_args(p, g, prefix="teacher", *, what="teacher", arch_help, norm_help):
+    """--<prefix> (alias --<prefix>-ckpt), --<prefix>-arch, --<prefix>-norm, --<prefix>-shortcut-from.
+    The checkpoint path may change on --resume (a moved file); load_teacher checks it is the same file."""
+    flag = prefix.replace("_", "-")
+    g.add_argument(f"--{flag}", f"--{flag}-ckpt", required=True, metavar="CKPT",
+                   help=f"{what} checkpoint (the suite's format or any format docs/common.md §3 lists)")
+    g.add_argument(f"--{flag}-arch", choices=ARCHS, default=None,
+                   help=f"{what} architecture when the file does not say ({arch_help})")
+    g.add_argument(f"--{flag}-norm", choices=["none", "cifar10", "cifar100"], default=None,
+                   help=f"{what}'s input normalisation ({norm_help})")
+    g.add_argument(f"--{flag}-shortcut-from", choices=["act", "input"], default=None,
+                   help=f"a preact_resnet18 {what} file not written by the suite: what feeds its projection shortcuts, "
+                        "relu(bn1(x)) (act: IAD/ARD layout) or x (input: fast_adversarial, RobustBench) (docs/common.md §4)")
+    p.resume_may_change.add(prefix)
 
 
 def is_monitor_epoch(args, epoch):
@@ -109,12 +248,12 @@ def is_monitor_epoch(args, epoch):
 
 
 # ======================================================================================
-# Data (common.md §6)
+# Data (docs/common.md §6)
 # ======================================================================================
 
 DATASETS = {"cifar10": 10, "cifar100": 100, "svhn": 10}
 
-NORMS = {  # common.md §2
+NORMS = {  # docs/common.md §2
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616)),
     "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
 }
@@ -242,7 +381,7 @@ class DeviceLoader:
 
 
 def train_loader(args, batch_size, *, device, drop_last=False, pad=4):
-    """Training loader from the shared flags (SVHN is cropped, never flipped: common.md §6)."""
+    """Training loader from the shared flags (SVHN is cropped, never flipped: docs/common.md §6)."""
     x, y = load_split(args.dataset, args.data_dir, train=True, subset=args.train_subset)
     return DeviceLoader(x, y, batch_size, train=True, flip=args.dataset != "svhn", pad=pad, drop_last=drop_last,
                         device=device, channels_last=args.channels_last)
@@ -255,7 +394,7 @@ def test_loader(args, *, device, batch_size=None):
 
 
 # ======================================================================================
-# Architectures (common.md §1-2)
+# Architectures (docs/common.md §1-2)
 # ======================================================================================
 
 def resolve_norm(norm):
@@ -279,7 +418,7 @@ def resolve_norm(norm):
 
 
 class _Net(nn.Module):
-    """Holds `mean`/`std` as non-persistent buffers (None when the model does not normalise): common.md §2."""
+    """Holds `mean`/`std` as non-persistent buffers (None when the model does not normalise): docs/common.md §2."""
     stage_names = ()
 
     def __init__(self, norm=None):
@@ -630,7 +769,7 @@ ARCHS = tuple(_REGISTRY)
 
 
 def build_model(arch, num_classes=10, norm="default", **arch_kwargs):
-    """Suite architecture by name; norm 'default' = cifar10 for dm_wrn*, none otherwise (common.md §2)."""
+    """Suite architecture by name; norm 'default' = cifar10 for dm_wrn*, none otherwise (docs/common.md §2)."""
     if arch not in _REGISTRY:
         raise ValueError(f"unknown architecture {arch!r}; choose one of: {', '.join(ARCHS)}")
     ctor, defaults = _REGISTRY[arch]
@@ -668,55 +807,107 @@ def stage_outputs(model, x, names=None):
 
 
 # ======================================================================================
-# Checkpoints (common.md §3-5)
+# Checkpoints (docs/common.md §3-5)
 # ======================================================================================
 
+def _write_error(path, e):
+    fail(f"cannot write {path}: {e.strerror or e} (the checkpoints already there are intact)")
+
+
 def save_checkpoint(path, obj):
-    """Atomic write: a temp file in the same folder, then rename, so a crash never leaves half a file."""
+    """Atomic write: a temp file in the same folder, then rename, so a crash or a full disk never
+    leaves half a file and never touches the previous one. A write error is one line, exit status 2."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as fh:
             torch.save(obj, fh)
         os.replace(tmp, path)
+    except OSError as e:
+        _remove(tmp)
+        _write_error(path, e)
     except BaseException:
+        _remove(tmp)
+        raise
+
+
+def _remove(tmp):
+    if tmp is not None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        raise
+
+
+def write_text(path, text, append=False):
+    """Write (or append) a small text file; a write error is one line, exit status 2. A full write
+    goes through a temp file and a rename, like the checkpoints."""
+    path = Path(path)
+    tmp = None
+    try:
+        if append:
+            with open(path, "a") as fh:
+                fh.write(text)
+            return
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except OSError as e:
+        _remove(tmp)
+        _write_error(path, e)
+
+
+def check_writable(folder):
+    """Fail now, before hours of work, if `folder` cannot be created or written to."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".write-test.", dir=folder)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        fail(f"cannot write to {folder}: {e.strerror or e}")
 
 
 def load_checkpoint(path, unsafe=False):
     """torch.load(weights_only=True); anything needing pickle execution is refused unless `unsafe`."""
     path = Path(path)
+    if path.is_dir():
+        fail(f"{path} is a directory, not a checkpoint file")
     if not path.is_file():
         fail(f"checkpoint not found: {path}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        if "unsupported global" not in str(e).lower():  # e.g. "Unsupported operand": not a pickle we know
-            fail(f"{path} is not a readable checkpoint (corrupt or truncated: {str(e).splitlines()[0]})")
+        if "unsupported global" not in str(e).lower():  # e.g. "Unsupported operand": not a pickle at all
+            fail(f"{path} is not a checkpoint (not a file torch.save wrote, or corrupt)")
         if not unsafe:
             fail(f"{path} needs pickle execution to load (it stores Python objects, not only tensors); "
                  "pass --unsafe-load if you trust the file")
     except Exception as e:  # noqa: BLE001 - zip/EOF/format errors all mean the same to the user
-        fail(f"{path} is not a readable checkpoint (corrupt or truncated: {type(e).__name__})")
+        fail(f"{path} is not a checkpoint (not a file torch.save wrote, or corrupt or truncated: {type(e).__name__})")
     print(f"warning: loading {path} with pickle execution (--unsafe-load)", file=sys.stderr)
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # noqa: BLE001
-        fail(f"{path} is not a readable checkpoint ({type(e).__name__}: {e})")
+        fail(f"{path} is not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
 
 
 def checkpoint_dict(model, *, kind, epoch, dataset, args, metrics=None, select=None, optimizer=None,
-                    extra=None):
-    """The suite's own checkpoint format (common.md §5): tensors and primitives only."""
+                    extra=None, peer=None):
+    """The suite's own checkpoint format (docs/common.md §5): tensors and primitives only. `peer` is
+    a second trained model saved next to the first (AODT's online peer)."""
     model = unwrap_model(model)  # no _orig_mod. prefix from torch.compile
     ckpt = {
-        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "model": _cpu_state(model),
         "arch": model.arch, "arch_kwargs": dict(model.arch_kwargs), "num_classes": model.num_classes,
         "dataset": dataset, "norm": model.norm, "epoch": epoch, "kind": kind, "select": select,
         "metrics": metrics or {}, "args": args,
     }
+    if peer is not None:
+        peer = unwrap_model(peer)
+        ckpt.update(peer=_cpu_state(peer), peer_arch=peer.arch, peer_arch_kwargs=dict(peer.arch_kwargs),
+                    peer_norm=peer.norm)
     if optimizer is not None:
         ckpt["optimizer"] = optimizer.state_dict()
     if extra is not None:
@@ -724,23 +915,33 @@ def checkpoint_dict(model, *, kind, epoch, dataset, args, metrics=None, select=N
     return ckpt
 
 
+def _cpu_state(model):
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+
+
 def _is_state_dict(obj):
     return isinstance(obj, dict) and len(obj) > 0 and all(isinstance(v, torch.Tensor) for v in obj.values())
 
 
 def _unwrap(obj):
-    """Container key and state_dict of a file met in the wild (common.md §4 step 2)."""
+    """Container key and state_dict of a file met in the wild (docs/common.md §4 step 2). A whole
+    pickled nn.Module (plain torch.save(model), readable with --unsafe-load only) gives its state_dict."""
+    if isinstance(obj, nn.Module):
+        return "nn.Module", obj.state_dict()
     if _is_state_dict(obj):
         return None, obj
     if isinstance(obj, dict):
         for key in ("model", "state_dict", "net", "student", "last"):
-            if _is_state_dict(obj.get(key)):
-                return key, obj[key]
+            value = obj.get(key)
+            if isinstance(value, nn.Module):
+                return f"{key} (nn.Module)", value.state_dict()
+            if _is_state_dict(value):
+                return key, value
     return None, None
 
 
 def _strip_prefixes(sd, allow_model_prefix):
-    """Strip prefixes shared by *every* key, repeatedly (common.md §4 step 3); never substrings."""
+    """Strip prefixes shared by *every* key, repeatedly (docs/common.md §4 step 3); never substrings."""
     stripped = []
     while True:
         for p in ("module.", "_orig_mod.") + (("model.",) if allow_model_prefix else ()):
@@ -760,8 +961,8 @@ def _head_width(model, sd):
 
 
 def load_model(path, arch=None, num_classes=None, norm="auto", device="cpu", unsafe=False, arch_kwargs=None,
-               arch_flag="--arch", default_arch=None):
-    """Build and strictly load any checkpoint the suite meets (common.md §4).
+               arch_flag="--arch", default_arch=None, shortcut_flag="--shortcut-from"):
+    """Build and strictly load any checkpoint the suite meets (docs/common.md §4).
 
     Returns the model in eval() mode on `device` and a dict saying what was done. The suite's own
     checkpoints say their architecture; other files take `arch`, else `default_arch`. `norm='auto'`
@@ -773,7 +974,11 @@ def load_model(path, arch=None, num_classes=None, norm="auto", device="cpu", uns
         if arch is not None and arch != obj["arch"]:
             fail(f"{path} holds a {obj['arch']}, not a {arch}; drop {arch_flag} or pass {arch_flag} {obj['arch']}")
         arch, container, sd = obj["arch"], "model", obj["model"]
-        arch_kwargs = {**obj.get("arch_kwargs", {}), **(arch_kwargs or {})}
+        recorded = obj.get("arch_kwargs", {})
+        for k, v in (arch_kwargs or {}).items():
+            if k in recorded and recorded[k] != v:
+                fail(f"{path} records {k}={recorded[k]!r} for its {arch}; drop the flag that asks for {v!r}")
+        arch_kwargs = {**recorded, **(arch_kwargs or {})}
         if norm == "auto":
             norm = None if obj.get("norm") is None else (tuple(obj["norm"]["mean"]), tuple(obj["norm"]["std"]))
     else:
@@ -785,6 +990,10 @@ def load_model(path, arch=None, num_classes=None, norm="auto", device="cpu", uns
         if arch is None:
             fail(f"{path} does not say which architecture it holds; pass {arch_flag} (one of {', '.join(ARCHS)})")
         arch_kwargs = dict(arch_kwargs or {})
+        if arch == "preact_resnet18" and "shortcut_from" not in arch_kwargs:
+            fail(f"{path}: a PreActResNet-18's shortcut source cannot be read from its keys; pass {shortcut_flag} "
+                 "act (IAD, ARD: relu(bn1(x)) feeds the projection shortcuts) or input (fast_adversarial, "
+                 "RobustBench: x does)")
         if norm == "auto":
             norm = "default"
     if arch not in ARCHS:
@@ -827,17 +1036,34 @@ def norm_name(norm):
     return next((name for name, value in NORMS.items() if value == pair), "custom")
 
 
+def file_sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def load_teacher(args, device, default_arch, prefix="teacher"):
-    """Load, freeze (README.md "Teachers") and place the model of `--<prefix>`; records the
-    architecture and normalisation actually used in args.<prefix>_arch / args.<prefix>_norm."""
+    """Load, freeze (docs/conventions.md "Teachers") and place the model of `--<prefix>`; records the
+    architecture, normalisation and file hash actually used in args.<prefix>_arch, _norm, _sha256.
+    On --resume the file may have moved, but it must hold the same bytes as when the run started."""
     flag = prefix.replace("_", "-")
+    path = getattr(args, prefix)
     norm = getattr(args, f"{prefix}_norm")
     norm = "auto" if norm is None else (None if norm == "none" else norm)
-    model, info = load_model(getattr(args, prefix), arch=getattr(args, f"{prefix}_arch"),
-                             num_classes=DATASETS[args.dataset], norm=norm, device=device, unsafe=args.unsafe_load,
-                             arch_flag=f"--{flag}-arch", default_arch=default_arch)
+    shortcut = getattr(args, f"{prefix}_shortcut_from", None)
+    model, info = load_model(path, arch=getattr(args, f"{prefix}_arch"), num_classes=DATASETS[args.dataset],
+                             norm=norm, device=device, unsafe=args.unsafe_load,
+                             arch_kwargs=None if shortcut is None else {"shortcut_from": shortcut},
+                             arch_flag=f"--{flag}-arch", default_arch=default_arch,
+                             shortcut_flag=f"--{flag}-shortcut-from")
+    digest, saved = file_sha256(path), getattr(args, f"{prefix}_sha256", None)
+    if saved is not None and digest != saved:
+        fail(f"--{flag} {path} is not the file the run started with (sha256 {digest[:12]}… vs {saved[:12]}…)")
     setattr(args, f"{prefix}_arch", info["arch"])
     setattr(args, f"{prefix}_norm", norm_name(info["norm"]))
+    setattr(args, f"{prefix}_sha256", digest)
     print(f"{prefix}: {info['path']} -> {info['arch']} {info['arch_kwargs'] or ''} norm {norm_name(info['norm'])}"
           f" (container {info['container']}, stripped {info['prefixes'] or 'nothing'})", flush=True)
     model = freeze(model)
@@ -845,7 +1071,7 @@ def load_teacher(args, device, default_arch, prefix="teacher"):
 
 
 def _detect_switches(arch, sd, arch_kwargs):
-    """Constructor switches that keys reveal (common.md §4 step 4); explicit ones win."""
+    """Constructor switches that keys reveal (docs/common.md §4 step 4); explicit ones win."""
     kw = dict(arch_kwargs)
     if arch == "wrn34_10":
         kw.setdefault("sub_block1", any(k.startswith("sub_block1.") for k in sd))
@@ -904,7 +1130,7 @@ def prepare_model(model, args, device):
 
 
 def freeze(model):
-    """A teacher: eval() once, no parameter gradients (shared/spec/README.md "Teachers")."""
+    """A teacher: eval() once, no parameter gradients (docs/conventions.md "Teachers")."""
     model.eval()
     model.requires_grad_(False)
     return model
@@ -947,34 +1173,18 @@ def _set_rng_state(state):
 
 class Run:
     """Run folder `runs/<script>__<dataset>__<arch>__s<seed>__<time>/` with args.json, metrics.jsonl,
-    last.pt and best.pt; per-epoch progress line; exact resume from last.pt.
+    last.pt and best.pt; per-epoch progress line; divergence guard; exact resume from last.pt.
 
-    Usage: `run = Run(script, args, arch, parser)` first (on --resume it puts the saved flags in
-    run.args), `start = run.begin(model, optimizer)` once setup has succeeded, then
-    `run.end_epoch(...)` after each epoch.
+    Usage: `args = common.parse(p, argv, ...)` (with --resume it restores the saved flags), then
+    `run = Run(script, args, arch)`, `start = run.begin(model, optimizer)` once setup has succeeded
+    (nothing is written before), and per epoch `metrics = run.train_metrics(...)` followed by
+    `run.end_epoch(...)`.
     """
 
-    RESUME_MAY_CHANGE = ("resume", "device", "epochs", "data_dir", "runs_dir", "unsafe_load")
-
-    def __init__(self, script, args, arch, parser, may_change=()):
-        self.script, self.resumed = script, None
+    def __init__(self, script, args, arch):
+        self.script, self.args, self.resumed = script, args, None
         if args.resume:
             self.resumed = load_checkpoint(args.resume, unsafe=False)
-            if not isinstance(self.resumed, dict) or self.resumed.get("kind") != "last" or "optimizer" not in self.resumed:
-                fail(f"{args.resume} is not a last.pt written by this suite; --resume needs one")
-            saved = self.resumed["args"]
-            if saved.get("script") not in (None, script):
-                fail(f"{args.resume} was written by {saved.get('script')}.py, not {script}.py")
-            keep = set(self.RESUME_MAY_CHANGE) | set(may_change)
-            given, defaults = vars(args), {a.dest: a.default for a in parser._actions}
-            changed = [k for k, v in given.items()
-                       if k not in keep and k in saved and v != defaults.get(k) and _jsonable(v) != saved[k]]
-            if changed:
-                fail(f"--resume continues the saved run; these flags differ from it: "
-                     f"{', '.join('--' + k.replace('_', '-') for k in changed)}")
-            for k, v in saved.items():
-                if k not in keep and k in given:
-                    setattr(args, k, v)
             self.dir = Path(args.resume).resolve().parent
         else:
             stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -983,42 +1193,86 @@ class Run:
             while self.dir.exists():
                 i += 1
                 self.dir = base.with_name(f"{base.name}-{i}")
-        self.args = args
         self.best = {"value": None, "epoch": None}
         self.epoch_seconds = []
 
-    def begin(self, model, optimizer, extra=None):
+    def begin(self, model, optimizer, extra=None, peer=None):
         """Call just before the epoch loop, once every flag is final: writes args.json, or loads the
-        resumed state into model, optimizer and `extra`. Returns the first epoch to run (1-indexed)."""
-        self.args_json = {"script": self.script, **_jsonable(vars(self.args))}
+        resumed state into model (and `peer`), optimizer and `extra`. Returns the first epoch to run."""
+        self.args_json = {"script": self.script, **_jsonable({k: v for k, v in vars(self.args).items()
+                                                              if not k.startswith("_")})}
         print(f"run folder: {self.dir}", flush=True)
         if not self.resumed:  # the folder appears only once setup has succeeded
-            self.dir.mkdir(parents=True)
-            text = json.dumps({**self.args_json, "env": environment()}, indent=2)
-            (self.dir / "args.json").write_text(text + "\n")
+            check_writable(self.dir.parent)
+            try:
+                self.dir.mkdir()
+            except OSError as e:
+                _write_error(self.dir, e)
+            write_text(self.dir / "args.json", json_dumps({**self.args_json, "env": environment()}, indent=2) + "\n")
             return 1
         ck = self.resumed
+        for stale in self.dir.glob(".*.tmp"):  # a write cut short by the kill
+            _remove(stale)
         unwrap_model(model).load_state_dict(ck["model"])
+        if peer is not None:
+            unwrap_model(peer).load_state_dict(ck["peer"])
         optimizer.load_state_dict(ck["optimizer"])
         if extra is not None:
             extra.update(ck.get("extra", {}))
         sel = ck.get("select") or {}
         self.best = {"value": sel.get("best_value"), "epoch": sel.get("best_epoch")}
         epoch = ck["epoch"]
-        metrics = self.dir / "metrics.jsonl"  # drop lines of epochs after the checkpoint
+        self._record_resume(epoch)
+        metrics = self.dir / "metrics.jsonl"  # drop the lines of epochs after the checkpoint
         if metrics.exists():
-            lines = [ln for ln in metrics.read_text().splitlines() if ln and json.loads(ln).get("epoch", 0) <= epoch]
-            metrics.write_text("".join(ln + "\n" for ln in lines))
+            kept = []
+            for line in metrics.read_text().splitlines():
+                try:
+                    if json.loads(line).get("epoch", 0) <= epoch:
+                        kept.append(line)
+                except ValueError:  # a line cut short by the kill
+                    pass
+            write_text(metrics, "".join(ln + "\n" for ln in kept))
         _set_rng_state(ck["rng"])
         print(f"resumed {self.dir.name} after epoch {epoch}", flush=True)
+        if epoch >= self.args.epochs:
+            print(f"nothing to do: the run has finished its {self.args.epochs} epochs; pass --epochs N to train "
+                  "longer", flush=True)
         return epoch + 1
 
-    def log(self, record):
-        with open(self.dir / "metrics.jsonl", "a") as fh:
-            fh.write(json.dumps(_jsonable(record)) + "\n")
+    def _record_resume(self, epoch):
+        """args.json keeps the flags as they are now and a list of the resumes with what changed."""
+        path = self.dir / "args.json"
+        try:
+            saved = json.loads(path.read_text())
+        except (OSError, ValueError):
+            saved = {}
+        resumes = saved.get("resumes", []) + [{"after_epoch": epoch, "changed": self.args._resumed_changes or {},
+                                               "env": environment()}]
+        write_text(path, json_dumps({**self.args_json, "env": saved.get("env"), "resumes": resumes}, indent=2) + "\n")
 
-    def end_epoch(self, epoch, metrics, model, optimizer, *, value=None, extra=None, images=None, seconds=None):
-        """Log the epoch, update best.pt (highest `value`, ties keep the earlier epoch), write last.pt."""
+    def log(self, record):
+        write_text(self.dir / "metrics.jsonl", json_dumps(record) + "\n", append=True)
+
+    def train_metrics(self, epoch, totals, n_seen, optimizer, *models):
+        """Epoch means of the loss terms (one host sync per term, once per epoch) and the lr. A term
+        that is not finite, or a model holding a non-finite weight, stops the run (exit status 1)
+        before anything of this epoch is saved: last.pt and best.pt keep the last finite epoch."""
+        metrics = {"lr": optimizer.param_groups[0]["lr"], **{k: float(v) / n_seen for k, v in totals.items()}}
+        bad = [k for k, v in metrics.items() if not math.isfinite(v)]
+        if not bad:
+            bad = [f"the weights of {unwrap_model(m).arch}" for m in models if not all_finite(m)]
+        if bad:
+            self.log({"epoch": epoch, **metrics, "diverged": bad})
+            kept = (f"last.pt and best.pt keep epoch {epoch - 1}" if epoch > 1 or self.resumed
+                    else "no checkpoint was written")
+            fail(f"epoch {epoch} diverged: {', '.join(bad)} not finite; {kept}; try a smaller --lr", status=1)
+        return metrics
+
+    def end_epoch(self, epoch, metrics, model, optimizer, *, value=None, extra=None, images=None, seconds=None,
+                  peer=None):
+        """Log the epoch, update best.pt (highest `value`, ties keep the earlier epoch), write last.pt.
+        best.pt is written before last.pt, so that a failed write never leaves last.pt ahead of best.pt."""
         args = self.args
         record = {"epoch": epoch, **metrics}
         if seconds is not None:
@@ -1031,17 +1285,16 @@ class Run:
             self.best = {"value": value, "epoch": epoch}
         record["best_epoch"], record["best_value"] = self.best["epoch"], self.best["value"]
         self.log(record)
-        m = unwrap_model(model)
         select = {"monitor": args.monitor, "value": value, "epoch": epoch}
         if new_best:
             save_checkpoint(self.dir / "best.pt", checkpoint_dict(
-                m, kind="best", epoch=epoch, dataset=args.dataset, args=self.args_json, metrics=record,
-                select=select))
+                model, kind="best", epoch=epoch, dataset=args.dataset, args=self.args_json, metrics=record,
+                select=select, peer=peer))
             print(f"  best.pt <- epoch {epoch} ({args.monitor} {100 * value:.2f}%); selected on the test set, "
                   "as the papers do, not good practice", flush=True)
         last_select = {**select, "best_value": self.best["value"], "best_epoch": self.best["epoch"]}
-        ck = checkpoint_dict(m, kind="last", epoch=epoch, dataset=args.dataset, args=self.args_json,
-                             metrics=record, select=last_select, optimizer=optimizer, extra=extra)
+        ck = checkpoint_dict(model, kind="last", epoch=epoch, dataset=args.dataset, args=self.args_json,
+                             metrics=record, select=last_select, optimizer=optimizer, extra=extra, peer=peer)
         ck["rng"] = _rng_state()
         save_checkpoint(self.dir / "last.pt", ck)
         print(self._progress(record, args.epochs), flush=True)
@@ -1062,8 +1315,27 @@ class Run:
         return "  ".join(parts)
 
 
+def all_finite(model):
+    """True when every parameter and floating buffer of `model` is finite (one host sync)."""
+    tensors = [t for t in list(model.parameters()) + list(model.buffers()) if t.is_floating_point()]
+    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()) if tensors else True
+
+
+def json_dumps(obj, **kw):
+    """Strict JSON: a non-finite float becomes null (json.dumps would write a bare NaN)."""
+    def clean(v):
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        return v
+    return json.dumps(clean(_jsonable(obj)), allow_nan=False, **kw)
+
+
 def measure_teacher(run, teacher, test_data, cfg, prefix="teacher"):
-    """Clean and monitor accuracy of a frozen teacher, once, before training (README.md "Teachers");
+    """Clean and monitor accuracy of a frozen teacher, once, before training (docs/conventions.md "Teachers");
     logged as epoch 0 under `<prefix>/...` so that a wrong checkpoint or normalisation shows at once."""
     m = monitor(teacher, test_data, cfg)
     record = {f"{prefix}/clean": m["clean"], f"{prefix}/robust": m["robust"]}
@@ -1075,7 +1347,7 @@ def measure_teacher(run, teacher, test_data, cfg, prefix="teacher"):
 
 def measure_norms(run, model, test_data, prefix="teacher"):
     """Clean accuracy of a normalising model under each data set's constants, logged once (a teacher
-    whose constants are a per-checkpoint fact, e.g. WRN-70-16 on CIFAR-100: rslad.md §4)."""
+    whose constants are a per-checkpoint fact, e.g. WRN-70-16 on CIFAR-100: docs/rslad.md §4)."""
     base = unwrap_model(model)
     if base.mean is None:
         return {}
@@ -1121,7 +1393,7 @@ def environment():
 
 
 # ======================================================================================
-# The per-epoch robustness monitor (common.md §7)
+# The per-epoch robustness monitor (docs/common.md §7)
 # ======================================================================================
 
 MONITORS = {
@@ -1166,7 +1438,7 @@ def fp32_eval(model):
 
 
 def _monitor_pgd(model, x, y, eps, steps, step, start, loss):
-    """PGD of shared/spec/README.md: sign step, project to the eps-ball, clamp to [0,1]; last iterate."""
+    """PGD of docs/conventions.md: sign step, project to the eps-ball, clamp to [0,1]; last iterate."""
     x_adv = x + torch.empty_like(x).uniform_(-eps, eps)
     if start == "uniform-clamp":
         x_adv = x_adv.clamp(0, 1)

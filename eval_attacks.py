@@ -26,8 +26,6 @@ TRADES WRN-34-10 should give clean 84.92, PGD_TRADES 56.61 (uniform start) and A
 """
 
 import argparse
-import hashlib
-import json
 import math
 import sys
 import time
@@ -78,10 +76,13 @@ AA_JSON_KEY = {"standard": "autoattack", "fast": "aa_fast", "rand": "aa_rand", "
 
 
 def parse_args(argv=None):
-    p = common.parser(__doc__.split("\n\n")[0])
+    p = common.parser("eval_attacks", __doc__.split("\n\n")[0])
     p.add_argument("checkpoint", help="any checkpoint common.load_model reads (suite last.pt/best.pt or official files)")
     g = p.add_argument_group("model and data (§1)")
     g.add_argument("--arch", default=None, help="architecture (required for non-suite checkpoints)")
+    g.add_argument("--shortcut-from", choices=["act", "input"], default=None,
+                   help="a preact_resnet18 file not written by the suite: what feeds its projection shortcuts, "
+                        "relu(bn1(x)) (act: IAD/ARD layout) or x (input: fast_adversarial, RobustBench) (docs/common.md §4)")
     g.add_argument("--norm", default="auto", choices=["auto", "none", "cifar10", "cifar100"],
                    help="input normalisation inside the model; auto = the suite checkpoint's record, else the arch default")
     g.add_argument("--unsafe-load", action="store_true", help="allow pickle execution when loading (trusted files only)")
@@ -118,6 +119,8 @@ def parse_args(argv=None):
     g = p.add_argument_group("black-box (§5, §6)")
     g.add_argument("--transfer-from", default=None, metavar="ARCH:CKPT[:NORM]",
                    help="surrogate for transfer attacks (RSLAD: a SAT ResNet-50, D-EVAL-4)")
+    g.add_argument("--transfer-shortcut-from", choices=["act", "input"], default=None,
+                   help="as --shortcut-from, for a preact_resnet18 surrogate file not written by the suite")
     g.add_argument("--transfer-attacks", default=None,
                    help="comma list of attacks crafted on the surrogate (preset: pgd20,cw; adt fgsm20)")
     g.add_argument("--square-bb", action="store_true", help="Square alone as a query-based black-box attack")
@@ -128,9 +131,12 @@ def parse_args(argv=None):
     g.add_argument("--quant-mode", default="nonadaptive", choices=["nonadaptive", "bpda"],
                    help="bpda also runs the straight-through adaptive attack (reported next to non-adaptive)")
     g = p.add_argument_group("output (§9)")
-    g.add_argument("--json", default=None, help="output file (default: <checkpoint dir>/eval_<preset>.json)")
+    g.add_argument("--json", default=None,
+                   help="output file (default: <checkpoint dir>/<checkpoint name>_eval_<preset>.json, e.g. best_eval_rslad.json)")
+    g.add_argument("--force", action="store_true", help="overwrite the output file if it exists")
     g.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
-    return p.parse_args(argv)
+    return common.parse(p, argv, rules={"cw_step": ("a positive number", common._positive),
+                                          "cw_kappa": ("a number >= 0", lambda v: v >= 0)})
 
 
 def resolve_protocol(args, dataset):
@@ -142,6 +148,8 @@ def resolve_protocol(args, dataset):
         eps = common.parse_float(eps_str)
     except argparse.ArgumentTypeError as e:
         common.fail(f"--eps: {e}")
+    if not 0 <= eps <= 1:
+        common.fail(f"--eps must be in [0, 1], got {eps:g}")
     overrides = {k: v for k, v in vars(args).items() if v is not None and k in (
         "eps", "attacks", "fgsm_start", "pgd_start", "cw_steps", "cw_step", "cw_kappa", "cw_start", "aa",
         "transfer_attacks")}
@@ -887,14 +895,6 @@ class Quantized(nn.Module):
 # Main: load, evaluate, print the table, write the JSON (§9)
 # ======================================================================================
 
-def sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def accuracy_record(correct, clean_correct, clean_acc, params, seconds):
     acc = correct.float().mean().item()
     return {"params": params, "acc": acc, "acc_and_clean": (correct & clean_correct).float().mean().item(),
@@ -909,11 +909,28 @@ def table_row(name, acc, acc_and_clean=None, wr=None, seconds=None):
     return " ".join(cells)
 
 
+def shortcut(value):
+    return None if value is None else {"shortcut_from": value}
+
+
+def output_path(args, preset):
+    """The JSON file, named after the checkpoint so that best.pt and last.pt of one run give two files;
+    checked before any attack runs: an existing file needs --force, the folder must be writable."""
+    ckpt = Path(args.checkpoint)
+    path = Path(args.json) if args.json else ckpt.resolve().parent / f"{ckpt.stem}_eval_{preset}.json"
+    if path.is_dir():
+        common.fail(f"--json {path} is a directory; name a file")
+    if path.exists() and not args.force:
+        common.fail(f"{path} exists; pass --force to overwrite it or --json to write elsewhere")
+    common.check_writable(path.parent)
+    return path
+
+
 def load_target(args, device):
     norm = None if args.norm == "none" else args.norm
     num_classes = common.DATASETS[args.dataset] if args.dataset else None
     model, info = common.load_model(args.checkpoint, arch=args.arch, num_classes=num_classes, norm=norm,
-                                    device=device, unsafe=args.unsafe_load)
+                                    device=device, unsafe=args.unsafe_load, arch_kwargs=shortcut(args.shortcut_from))
     # suite checkpoints record their data set; other files: from the head width (SVHN needs --dataset)
     dataset = args.dataset or info.get("dataset") or {100: "cifar100"}.get(info["num_classes"], "cifar10")
     if common.DATASETS[dataset] != info["num_classes"]:
@@ -965,7 +982,9 @@ def eval_transfer(ctx, attacks):
     """Transfer rows (§5): crafted on the surrogate with the true labels, classified by the target."""
     arch, path, norm = parse_source(ctx.args.transfer_from)
     source, info = common.load_model(path, arch=arch, num_classes=ctx.num_classes, norm=None if norm == "none" else norm,
-                                     device=ctx.device, unsafe=ctx.args.unsafe_load)
+                                     device=ctx.device, unsafe=ctx.args.unsafe_load,
+                                     arch_kwargs=shortcut(ctx.args.transfer_shortcut_from),
+                                     shortcut_flag="--transfer-shortcut-from")
     source = freeze_for_attack(source.float())
     res = {}
     for name, params in attacks.items():
@@ -1092,6 +1111,7 @@ def main(argv=None):
         parse_source(args.transfer_from)
     model, info, dataset = load_target(args, device)
     proto = resolve_protocol(args, dataset)
+    json_path = output_path(args, proto["preset"])
     x_u8, y = common.load_split(dataset, args.data_dir, train=False, subset=args.n_ex)
     ctx = argparse.Namespace(
         args=args, model=model, x=x_u8.float().div(255), y=y, eps=proto["eps"], device=device,
@@ -1100,7 +1120,7 @@ def main(argv=None):
     ctx.say(f"{info['arch']} on {dataset} test[:{len(y)}], preset {proto['preset']}, eps {proto['eps_str']}, "
             f"device {device}")
 
-    out = {"schema": "suite-eval/1", "checkpoint": str(args.checkpoint), "sha256": sha256(args.checkpoint),
+    out = {"schema": "suite-eval/1", "checkpoint": str(args.checkpoint), "sha256": common.file_sha256(args.checkpoint),
            "arch": info["arch"], "arch_kwargs": info["arch_kwargs"], "dataset": dataset,
            "num_classes": info["num_classes"], "norm": info["norm"], "loader": info,
            "preset": proto["preset"], "eps": ctx.eps, "eps_str": proto["eps_str"], "n_ex": len(y), "bs": args.bs,
@@ -1126,9 +1146,7 @@ def main(argv=None):
     print("\n".join(ctx.rows))
     for w in out["warnings"]:
         print(f"warning: {w}")
-    json_path = Path(args.json) if args.json else Path(args.checkpoint).resolve().parent / f"eval_{proto['preset']}.json"
-    json_path.parent.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps(out, indent=1) + "\n")
+    common.write_text(json_path, common.json_dumps(out, indent=1) + "\n")
     print(f"wrote {json_path}")
 
 

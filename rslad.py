@@ -18,7 +18,7 @@ Evaluate with: python eval_attacks.py runs/<run>/best.pt --preset rslad
 Smoke run on CPU (any checkpoint common.load_model reads as the teacher):
     python rslad.py --teacher runs/<teacher-run>/best.pt --arch cnn_small --epochs 2 --train-subset 512 --test-subset 128
 
-Specification: shared/spec/rslad.md (decisions D-RSLAD-1..5); official code zibojia/RSLAD@c40e04f.
+Decisions D-RSLAD-1..5, defaults and their sources: docs/rslad.md. Official code: zibojia/RSLAD@c40e04f.
 """
 
 import torch
@@ -28,22 +28,19 @@ import common
 
 
 def parse_args(argv=None):
-    p = common.parser("RSLAD (Zi et al., ICCV 2021): robust soft label adversarial distillation")
+    p = common.parser("rslad", "RSLAD (Zi et al., ICCV 2021): robust soft label adversarial distillation")
     g = p.add_argument_group("models")
-    g.add_argument("--teacher", "--teacher-ckpt", required=True, help="teacher checkpoint (any format common.load_model reads)")
-    g.add_argument("--teacher-arch", choices=common.ARCHS, default=None,
-                   help="teacher architecture when the file does not say (default: wrn34_10; dm_wrn70_16 on CIFAR-100)")
-    g.add_argument("--teacher-norm", choices=["none", "cifar10", "cifar100"], default=None,
-                   help="teacher's input normalisation (default: recorded in suite checkpoints, else none; "
-                        "cifar10 for WRN-70-16 on CIFAR-100, D-RSLAD-3)")
+    common.add_teacher_args(p, g, arch_help="default: wrn34_10; dm_wrn70_16 on CIFAR-100",
+                            norm_help="default: the suite checkpoint's record, else none; cifar10 for the "
+                                      "WRN-70-16 on CIFAR-100, D-RSLAD-3")
     g.add_argument("--teacher-dtype", choices=["fp32", "fp16"], default="fp32",
                    help="fp16 runs the teacher in half precision as RSLAD's CIFAR-100 script intended (D-RSLAD-1)")
     g.add_argument("--arch", choices=common.ARCHS, default="resnet18", help="student architecture (mobilenet_v2 for the MN-V2 rows)")
     g = p.add_argument_group("loss (RSLAD Eq. 3)")
-    g.add_argument("--alpha", type=common.parse_float, default=5 / 6,
+    g.add_argument("--alpha", type=common.parse_float, default="5/6",
                    help="weight of the adversarial KL term (alpha in RSLAD Eq. 3; the code fixes 5/6)")
     g.add_argument("--kl-scale", type=common.parse_float, default=None,
-                   help="factor k on both KL terms (default 1 on CIFAR-10, 10 on CIFAR-100 as the official scripts)")
+                   help="factor k on both KL terms (default: 1 on CIFAR-10, 10 on CIFAR-100, as the official scripts)")
     g.add_argument("--kl-reduction", choices=["elemmean", "batchmean", "sum"], default="elemmean",
                    help="KL reduction (official: torch.mean over batch and classes = elemmean)")
     g.add_argument("--log-of-softmax", action="store_true",
@@ -51,8 +48,8 @@ def parse_args(argv=None):
     g.add_argument("--outer", choices=["rslad", "ard"], default="rslad",
                    help="ard: replace the loss by ARD's (alpha 1, tau 30, elemmean) for RSLAD Table 6 (D-RSLAD-5)")
     g = p.add_argument_group("inner maximisation")
-    g.add_argument("--eps", type=common.parse_float, default=8 / 255, help="L-inf radius epsilon")
-    g.add_argument("--attack-step", type=common.parse_float, default=2 / 255, help="PGD step size")
+    g.add_argument("--eps", type=common.parse_float, default="8/255", help="L-inf radius epsilon")
+    g.add_argument("--attack-step", type=common.parse_float, default="2/255", help="PGD step size")
     g.add_argument("--attack-steps", type=common.positive_int, default=10, help="PGD steps")
     g.add_argument("--attack-bn", choices=["train", "eval"], default=None,
                    help="student BatchNorm mode during the attack (default: eval, rslad_loss.py; train with --inner ard)")
@@ -70,14 +67,17 @@ def parse_args(argv=None):
                    help="multiply lr by 0.1 after each of these epochs (the code's reading of 'at the 215th, ...')")
     # D-RSLAD-4: the scripts' attack_pgd at epochs 20, 40, ..., 200 and every epoch from 215; --eval-every 1
     common.add_run_args(p, monitor="pgd20-monitor", eval_every=20, eval_all_from=215, seed=0)
-    args = p.parse_args(argv)
+    return common.parse(p, argv, resolve=resolve_defaults, rules={"alpha": ("in [0, 1]", lambda v: 0 <= v <= 1)}), p
+
+
+def resolve_defaults(args):
+    """Defaults that depend on the data set or the Table 6 switches (docs/rslad.md §3)."""
     if args.kl_scale is None:
         args.kl_scale = 10.0 if args.dataset == "cifar100" else 1.0  # RSLAD README: "keep consistent with CIFAR-10"
     if args.attack_bn is None:
         args.attack_bn = "train" if args.inner == "ard" else "eval"
     if args.rand_start is None:
         args.rand_start = "uniform" if args.inner == "ard" else "normal001"
-    return args, p
 
 
 # --------------------------------------------------------------------------------------
@@ -85,8 +85,9 @@ def parse_args(argv=None):
 # --------------------------------------------------------------------------------------
 
 def random_start(x_nat, eps, start):
+    """The named starts of docs/conventions.md; none of them is clamped unless its name says so."""
     if start == "normal001":
-        return x_nat + 0.001 * torch.randn_like(x_nat)  # not clamped before the first forward
+        return x_nat + 0.001 * torch.randn_like(x_nat)
     if start == "none":
         return x_nat.clone()
     x_adv = x_nat + torch.empty_like(x_nat).uniform_(-eps, eps)
@@ -107,7 +108,7 @@ def inner_max(student, x_nat, y, logits_teacher, args):
         with common.autocast(args.amp, x_nat.device):
             logits_adv = student(x_adv)
         if args.inner == "rslad":
-            loss = F.kl_div(F.log_softmax(logits_adv.float(), dim=1), p_teacher, reduction="sum")
+            loss = kl_div(p_teacher, F.log_softmax(logits_adv.float(), dim=1), "sum")
         else:
             loss = F.cross_entropy(logits_adv.float(), y, reduction="sum")  # ARD main.py AttackPGD
         grad, = torch.autograd.grad(loss, x_adv)
@@ -122,30 +123,34 @@ def inner_max(student, x_nat, y, logits_teacher, args):
 # --------------------------------------------------------------------------------------
 
 def kl_div(p, log_q, reduction, eps=0.0):
-    """KL(p ‖ q) = Σ p (log(p + eps) − log q) with the suite's reductions (shared/spec/README.md); 0·log 0 = 0."""
+    """KL(p ‖ q) = Σ p (log(p + eps) − log q) with the suite's reductions (docs/conventions.md); 0·log 0 = 0.
+    With eps = 0 this is exactly what F.kl_div / nn.KLDivLoss compute."""
     e = torch.xlogy(p, p + eps) - p * log_q
     if reduction == "sum":
         return e.sum()
     return e.sum() / len(p) if reduction == "batchmean" else e.mean()
 
 
+def log_softmax(logits, args):
+    # D-RSLAD-2: --log-of-softmax computes torch.log(F.softmax(.)) as the CIFAR-100 scripts do
+    return torch.log(F.softmax(logits, dim=1)) if args.log_of_softmax else F.log_softmax(logits, dim=1)
+
+
 def loss_fn(logits_adv, logits_nat, logits_teacher, args):
     """RSLAD Eq. 3 as the official scripts compute it; returns the loss and its logged terms."""
-    if args.outer == "ard":  # D-RSLAD-5: ARD's loss, alpha 1, tau 30, elemmean; S(x) runs and weighs 0
-        tau = 30.0
-        p_tau, log_q_tau = F.softmax(logits_teacher / tau, dim=1), F.log_softmax(logits_adv / tau, dim=1)
-        kl = tau * tau * kl_div(p_tau, log_q_tau, "elemmean")
-        return kl, {"loss": kl, "kl_adv": kl}
-    if args.log_of_softmax:  # D-RSLAD-2: the CIFAR-100 scripts' torch.log(F.softmax(.))
-        log_softmax = lambda z: torch.log(F.softmax(z, dim=1))  # noqa: E731
-    else:
-        log_softmax = lambda z: F.log_softmax(z, dim=1)  # noqa: E731
     p_teacher = F.softmax(logits_teacher, dim=1)
     # official kl_loss: p * (log(p + 1e-5) - log q), then torch.mean over B x C (elemmean), times k
-    kl_adv = args.kl_scale * kl_div(p_teacher, log_softmax(logits_adv), args.kl_reduction, eps=1e-5)
-    kl_nat = args.kl_scale * kl_div(p_teacher, log_softmax(logits_nat), args.kl_reduction, eps=1e-5)
+    kl_adv = args.kl_scale * kl_div(p_teacher, log_softmax(logits_adv, args), args.kl_reduction, eps=1e-5)
+    kl_nat = args.kl_scale * kl_div(p_teacher, log_softmax(logits_nat, args), args.kl_reduction, eps=1e-5)
     loss = args.alpha * kl_adv + (1 - args.alpha) * kl_nat  # RSLAD Eq. 3 outer, alpha = 5/6
     return loss, {"loss": loss, "kl_adv": kl_adv, "kl_nat": kl_nat}
+
+
+def loss_fn_ard(logits_adv, logits_nat, logits_teacher, args):
+    """--outer ard (D-RSLAD-5, RSLAD Table 6): ARD's loss, α = 1, τ = 30, elemmean; S(x) ran and weighs 0."""
+    tau = 30.0
+    kl = tau * tau * kl_div(F.softmax(logits_teacher / tau, dim=1), F.log_softmax(logits_adv / tau, dim=1), "elemmean")
+    return kl, {"loss": kl, "kl_adv": kl}
 
 
 def train_step(student, teacher, optimizer, x_nat, y, args):
@@ -157,7 +162,7 @@ def train_step(student, teacher, optimizer, x_nat, y, args):
     with common.autocast(args.amp, x_nat.device):  # two separate passes, each with its own batch statistics
         logits_adv = student(x_adv).float()
         logits_nat = student(x_nat).float()
-    loss, terms = loss_fn(logits_adv, logits_nat, logits_teacher, args)
+    loss, terms = (loss_fn_ard if args.outer == "ard" else loss_fn)(logits_adv, logits_nat, logits_teacher, args)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
@@ -174,9 +179,8 @@ def lr_at(epoch, args):
 # --------------------------------------------------------------------------------------
 
 def main(argv=None):
-    args, p = parse_args(argv)
-    run = common.Run("rslad", args, args.arch, p, may_change=("teacher",))
-    args = run.args
+    args, _ = parse_args(argv)
+    run = common.Run("rslad", args, args.arch)
     device = common.setup_device(args)
     common.seed_everything(args.seed, args.deterministic)
     num_classes = common.DATASETS[args.dataset]
@@ -187,17 +191,13 @@ def main(argv=None):
     teacher, _ = common.load_teacher(args, device, default_teacher)
     if args.teacher_dtype == "fp16":
         teacher = teacher.half()  # D-RSLAD-1 alternative: revisions before 9e7a108
-    try:
-        student = common.build_model(args.arch, num_classes)
-    except ValueError as e:
-        common.fail(str(e))
-    student = common.prepare_model(student, args, device)
+    student = common.prepare_model(common.build_model(args.arch, num_classes), args, device)
     optimizer = torch.optim.SGD(student.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.wd)
     cfg = common.monitor_config(args.monitor, args.dataset)
     start = run.begin(student, optimizer)
     if not run.resumed and args.teacher_dtype == "fp32":
         common.measure_teacher(run, teacher, test_data, cfg)
-        if args.dataset == "cifar100":  # rslad.md §4: both normalisations of WRN-70-16, D-RSLAD-3
+        if args.dataset == "cifar100":  # docs/rslad.md §4: both normalisations of WRN-70-16, D-RSLAD-3
             common.measure_norms(run, teacher, test_data)
 
     for epoch in range(start, args.epochs + 1):
@@ -211,7 +211,7 @@ def main(argv=None):
                 for k, v in terms.items():
                     totals[k] = totals.get(k, 0) + v.detach() * len(y)
                 n_seen += len(y)
-        metrics = {"lr": optimizer.param_groups[0]["lr"], **{k: float(v) / n_seen for k, v in totals.items()}}
+        metrics = run.train_metrics(epoch, totals, n_seen, optimizer, student)
         value = None
         if common.is_monitor_epoch(args, epoch):
             m = common.monitor(student, test_data, cfg)

@@ -1,6 +1,7 @@
 """Teachers and baseline rows: natural training, SAT (PGD-AT) and TRADES, as their official code runs them.
 
-Specification: shared/spec/teachers.md. Each `--recipe` reproduces one official code path:
+Recipes, decisions D-TEACH-1..9 and the published teacher files: docs/train_teacher.md. Each `--recipe`
+reproduces one official code path:
 
 | recipe          | source                                               | reproduces                                   |
 |-----------------|------------------------------------------------------|----------------------------------------------|
@@ -29,7 +30,7 @@ import torch.nn.functional as F
 
 import common
 
-# Every default a recipe sets (teachers.md §1). Milestones: lr is multiplied by 0.1 *after* each
+# Every default a recipe sets (docs/train_teacher.md §1). Milestones: lr is multiplied by 0.1 *after* each
 # listed epoch (iteration for sat-madry), so [74, 89] means 1-74: 0.1, 75-89: 0.01, 90-: 0.001.
 RECIPES = {
     "natural-rslad": dict(kind="natural", arch="resnet18", epochs=100, batch_size=128, lr=0.1, wd=2e-4,
@@ -69,11 +70,13 @@ COMMON_DEFAULTS = dict(pad=4, wd_scope="all", momentum=0.9, attack_loss=None, it
 
 
 def parse_args(argv=None):
-    p = common.parser("Natural training, SAT and TRADES teachers and baselines (shared/spec/teachers.md)")
-    p.add_argument("--recipe", required=True, choices=sorted(RECIPES), help="official code path to reproduce (teachers.md §1)")
-    g = p.add_argument_group("overrides (default: the recipe's value, teachers.md §1.9)")
+    p = common.parser("train_teacher", "Natural training, SAT and TRADES teachers and baselines (docs/train_teacher.md)")
+    p.add_argument("--recipe", required=True, choices=sorted(RECIPES),
+                   help="official code path to reproduce; sets every default below (docs/train_teacher.md §1)")
+    g = p.add_argument_group("overrides (default: the recipe's value, docs/train_teacher.md §1.9)")
     g.add_argument("--arch", choices=common.ARCHS, help="architecture")
-    g.add_argument("--norm", choices=["none", "cifar10", "cifar100"], help="normalisation inside the model (common.md §2)")
+    g.add_argument("--norm", choices=["none", "cifar10", "cifar100"],
+                   help="normalisation inside the model (docs/common.md §2; default: none, cifar10 for dm_wrn*)")
     g.add_argument("--epochs", type=common.positive_int, help="epochs (passes over the data for sat-madry)")
     g.add_argument("--iterations", type=common.positive_int, help="sat-madry: training iterations (Madry max_num_training_steps)")
     g.add_argument("--batch-size", type=common.positive_int, help="training batch size")
@@ -85,12 +88,17 @@ def parse_args(argv=None):
     g.add_argument("--attack-step", type=common.parse_float, help="step size of the training attack")
     g.add_argument("--attack-steps", type=common.positive_int, help="steps of the training attack")
     g.add_argument("--rand-start", choices=["uniform", "uniform-clamp", "normal001", "none"],
-                   help="random start of the training attack (shared/spec/README.md)")
+                   help="random start of the training attack (docs/conventions.md)")
     g.add_argument("--attack-bn", choices=["train", "eval"], help="BatchNorm mode of the model during the attack")
     g.add_argument("--beta", type=common.parse_float, help="TRADES: weight of the KL term (beta, TRADES Eq. 5)")
     g.add_argument("--pad", type=int, help="zero padding of the random crop")
     common.add_run_args(p, monitor=None, seed=None)
-    args = p.parse_args(argv)
+    return common.parse(p, argv, resolve=resolve_defaults, rules={
+        "beta": ("a number >= 0", lambda v: v >= 0), "pad": ("a number >= 0", lambda v: v >= 0)}), p
+
+
+def resolve_defaults(args):
+    """Every flag not given takes the recipe's value (docs/train_teacher.md §1)."""
     recipe = {**COMMON_DEFAULTS, **RECIPES[args.recipe], "norm": "default"}
     if args.recipe != "sat-madry" and args.iterations is not None:
         common.fail("--iterations applies to the iteration-based recipe sat-madry; use --epochs")
@@ -101,7 +109,6 @@ def parse_args(argv=None):
     for k, v in recipe.items():
         if getattr(args, k, None) is None:
             setattr(args, k, v)
-    return args, p
 
 
 # --------------------------------------------------------------------------------------
@@ -144,7 +151,7 @@ def inner_max(student, x_nat, y, args):
 # --------------------------------------------------------------------------------------
 
 def loss_fn(student, x_nat, x_adv, y, args):
-    """Loss and its logged terms; the forward passes run in the recipe's ledger order (teachers.md §1)."""
+    """Loss and its logged terms; the forward passes run in the recipe's ledger order (docs/train_teacher.md §1)."""
     with common.autocast(args.amp, x_nat.device):
         if args.kind == "natural":
             logits = student(x_nat).float()
@@ -185,9 +192,8 @@ def lr_at(step, args):
 # --------------------------------------------------------------------------------------
 
 def main(argv=None):
-    args, p = parse_args(argv)
-    run = common.Run("train_teacher", args, args.arch, p)
-    args = run.args
+    args, _ = parse_args(argv)
+    run = common.Run("train_teacher", args, args.arch)
     device = common.setup_device(args)
     common.seed_everything(args.seed, args.deterministic)
     num_classes = common.DATASETS[args.dataset]
@@ -199,11 +205,7 @@ def main(argv=None):
         args.iterations = args.iterations or args.epochs * len(train_data)
         args.epochs = math.ceil(args.iterations / len(train_data))
     norm = None if args.norm == "none" else args.norm
-    try:
-        student = common.build_model(args.arch, num_classes, norm)
-    except ValueError as e:
-        common.fail(str(e))
-    student = common.prepare_model(student, args, device)
+    student = common.prepare_model(common.build_model(args.arch, num_classes, norm), args, device)
     optimizer = make_optimizer(student, args)
     start = run.begin(student, optimizer)
     cfg = common.monitor_config(args.monitor, args.dataset)
@@ -230,8 +232,7 @@ def main(argv=None):
                     totals[k] = totals.get(k, 0) + v.detach() * len(y)
                 correct += (logits.argmax(1) == y).sum()
                 n_seen += len(y)
-        metrics = {"lr": optimizer.param_groups[0]["lr"], **{k: float(v) / n_seen for k, v in totals.items()},
-                   "train_acc": float(correct) / n_seen}
+        metrics = {**run.train_metrics(epoch, totals, n_seen, optimizer, student), "train_acc": float(correct) / n_seen}
         value = None
         if common.is_monitor_epoch(args, epoch):
             t0 = time.perf_counter()

@@ -148,3 +148,54 @@ def tiny_cnn(seed=0):
         net[-1].bias.zero_()
         net[-1].bias.sub_(net(calib).mean(0))
     return net.eval().requires_grad_(False)
+
+
+def same(a, b):
+    """Exact equality of nested dicts/lists of tensors and primitives (bitwise for tensors)."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def _timing_free(records):
+    return [{k: v for k, v in r.items() if "seconds" not in k and k != "images_per_s"} for r in records]
+
+
+def check_resume_alone(script, argv, tmp_path, epochs=3):
+    """What a user does after a crash: `script argv --epochs N` runs uninterrupted in one folder; the same
+    command in a second folder is killed (SIGKILL) as soon as its first last.pt exists, i.e. during a
+    later epoch; then `script --resume <that run>/last.pt` alone finishes it. The two runs must end
+    equal: last.pt's model, optimizer state, epoch and `extra`, and metrics.jsonl except timings.
+    Returns the two run folders (uninterrupted, resumed)."""
+    import os
+    import signal
+    import time
+    cmd = [sys.executable, str(ROOT / script), *map(str, argv), "--epochs", str(epochs)]
+    full = subprocess.run([*cmd, "--runs-dir", str(tmp_path / "full")], capture_output=True, text=True, timeout=600)
+    assert full.returncode == 0, full.stderr[-3000:]
+    proc = subprocess.Popen([*cmd, "--runs-dir", str(tmp_path / "part")], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 600
+    while not list((tmp_path / "part").glob("*/last.pt")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, f"the run ended before it could be killed: {proc.stderr.read()[-2000:]}"
+    (full_dir,), (part_dir,) = (list((tmp_path / d).iterdir()) for d in ("full", "part"))
+    killed_at = torch.load(part_dir / "last.pt", weights_only=True)["epoch"]
+    assert 1 <= killed_at < epochs
+    resumed = subprocess.run([sys.executable, str(ROOT / script), "--resume", str(part_dir / "last.pt")],
+                             capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"after epoch {killed_at}" in resumed.stdout
+    a, b = (torch.load(d / "last.pt", weights_only=True) for d in (full_dir, part_dir))
+    assert a["epoch"] == b["epoch"] == epochs
+    for key in ("model", "peer", "extra"):
+        assert same(a.get(key), b.get(key)), key
+    assert len(a["optimizer"]["state"]) > 0 and same(a["optimizer"], b["optimizer"])
+    assert _timing_free(read_metrics(full_dir)) == _timing_free(read_metrics(part_dir))
+    return full_dir, part_dir

@@ -279,7 +279,7 @@ def test_preact_final_bn_detected(tmp_path):
     for final_bn in (False, True):
         ref = common.build_model("preact_resnet18", 10, final_bn=final_bn)
         torch.save({"state_dict": ref.state_dict()}, tmp_path / "p.pt")
-        _, info = common.load_model(tmp_path / "p.pt", arch="preact_resnet18")
+        _, info = common.load_model(tmp_path / "p.pt", arch="preact_resnet18", arch_kwargs={"shortcut_from": "act"})
         assert info["arch_kwargs"]["final_bn"] is final_bn
 
 
@@ -298,7 +298,7 @@ def test_corrupt_file(tmp_path, capsys, content):
         torch.save(common.build_model("cnn_small").state_dict(), path)
         content = path.read_bytes()[:200]
     path.write_bytes(content)
-    expect_exit(capsys, common.load_model, path, arch="cnn_small", match="not a readable checkpoint")
+    expect_exit(capsys, common.load_model, path, arch="cnn_small", match="is not a checkpoint")
 
 
 def test_arch_missing_or_mismatched(tmp_path, capsys):

@@ -36,9 +36,11 @@ def np_kl_terms(teacher, student, eps=0.0):
     return p * (np.log(p + eps) - np_log_softmax(student))
 
 
-def random_logits(b, c, seed, scale=3.0):
+def random_logits(b, c, seed, scale=3.0, dtype=torch.float64):
+    """Fixed logits, float64 by default: the loss functions are dtype-agnostic, so the formula checks
+    compare float64 with float64 and a 1e-6 tolerance is not eaten by float32 cancellation (τ² = 900)."""
     g = torch.Generator().manual_seed(seed)
-    return scale * torch.randn(b, c, generator=g)
+    return (scale * torch.randn(b, c, generator=g, dtype=torch.float64)).to(dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -99,7 +101,7 @@ def test_epsilon_changes_the_value_not_the_gradient():
 
 def test_log_of_softmax_flag_d_rslad_2():
     a, b = args_for(), args_for("--log-of-softmax")
-    s, t = random_logits(4, 10, 1), random_logits(4, 10, 2)
+    s, t = random_logits(4, 10, 1, dtype=torch.float32), random_logits(4, 10, 2, dtype=torch.float32)
     assert rslad.loss_fn(s, s, t, a)[0].item() == pytest.approx(rslad.loss_fn(s, s, t, b)[0].item(), abs=1e-6)
     s[0, 0] = -200.0  # the student's probability underflows to 0
     assert torch.isfinite(rslad.loss_fn(s, s, t, a)[0]) and not torch.isfinite(rslad.loss_fn(s, s, t, b)[0])
@@ -108,7 +110,7 @@ def test_log_of_softmax_flag_d_rslad_2():
 def test_outer_ard_is_ards_loss():
     a = args_for("--outer", "ard")
     s_adv, s_nat, t = (random_logits(8, 10, seed) for seed in (1, 2, 3))
-    loss, _ = rslad.loss_fn(s_adv, s_nat, t, a)
+    loss, _ = rslad.loss_fn_ard(s_adv, s_nat, t, a)
     expected = 900 * np.mean(np_kl_terms(t.double().numpy() / 30, s_adv.double().numpy() / 30))
     assert loss.item() == pytest.approx(expected, abs=1e-6)
 
