@@ -17,7 +17,14 @@ Evaluate with: python eval_attacks.py runs/<run>/best.pt --preset ard
 Smoke run on CPU:
     python ard.py --teacher runs/<teacher-run>/best.pt --arch cnn_small --epochs 2 --train-subset 512 --test-subset 128
 
-Decisions D-ARD-1..5, defaults and their sources: docs/ard.md. Official code: goldblum/AdversariallyRobustDistillation@779ade3.
+Where the paper, the code and this script part ways (flag for the alternative):
+    D-ARD-1  CIFAR-100 teacher: DeepMind WRN-70-16 with CIFAR-10 constants, as RSLAD re-ran ARD   --teacher-norm cifar100
+    D-ARD-2  student MobileNetV2, the official default                                           --arch resnet18
+    D-ARD-3  best.pt by the code's per-epoch PGD-10 (the code ranks nothing)                     --monitor pgd20-monitor
+    D-ARD-4  CE term on the clean x, as the code (ARDIR Eq. 5 writes x')                          --ce-input adv
+    D-ARD-5  RSLAD's ARD-300 schedule                                                            --lr-milestones 215 260 285
+    code vs paper: adjust_learning_rate decays once (0.1 -> 0.01 after epoch 100), not twice     --lr-schedule paper
+Decisions, defaults and their sources in full: docs/ard.md. Official code: goldblum/AdversariallyRobustDistillation@779ade3.
 """
 
 import torch

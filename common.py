@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import datetime
 import hashlib
+import io
 import json
 import math
 import os
@@ -818,11 +819,15 @@ def save_checkpoint(path, obj):
     """Atomic write: a temp file in the same folder, then rename, so a crash or a full disk never
     leaves half a file and never touches the previous one. A write error is one line, exit status 2."""
     path = Path(path)
+    buf = io.BytesIO()
+    torch.save(obj, buf)  # serialise in memory: torch's zip writer turns a failed write into a RuntimeError
     tmp = None
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
+            fh.write(buf.getbuffer())
+            fh.flush()
+            os.fsync(fh.fileno())
         os.replace(tmp, path)
     except OSError as e:
         _remove(tmp)

@@ -18,7 +18,14 @@ Evaluate with: python eval_attacks.py runs/<run>/best.pt --preset rslad
 Smoke run on CPU (any checkpoint common.load_model reads as the teacher):
     python rslad.py --teacher runs/<teacher-run>/best.pt --arch cnn_small --epochs 2 --train-subset 512 --test-subset 128
 
-Decisions D-RSLAD-1..5, defaults and their sources: docs/rslad.md. Official code: zibojia/RSLAD@c40e04f.
+Where the paper, the code and this script part ways (flag for the alternative):
+    D-RSLAD-1  teacher in fp32; RSLAD's CIFAR-100 script at HEAD crashes on a half teacher       --teacher-dtype fp16
+    D-RSLAD-2  log_softmax; the CIFAR-100 scripts take torch.log(softmax), -inf on underflow    --log-of-softmax
+    D-RSLAD-3  WRN-70-16 teacher with CIFAR-10 constants, as RSLAD's code builds it             --teacher-norm cifar100
+    D-RSLAD-4  best.pt by PGD-20 (step 0.003) at epochs 20, 40, ..., 200 and every epoch from 215  --eval-every 1
+    D-RSLAD-5  Table 6 ablation halves taken verbatim from ARD                                  --inner ard, --outer ard
+    code vs paper: the KL is averaged over batch and classes (elemmean) and x10 on CIFAR-100, as the scripts do.
+Decisions, defaults and their sources in full: docs/rslad.md. Official code: zibojia/RSLAD@c40e04f.
 """
 
 import torch

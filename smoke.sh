@@ -4,7 +4,8 @@
 # Minutes on a CPU. Extra arguments go to every script, e.g. --data-dir DIR (a folder in the standard
 # cifar-10-batches-py layout; default ./data, downloaded there when possible) or --device cpu.
 #
-#   bash smoke.sh --data-dir ../shared/data/cifar10-dev
+#   bash smoke.sh                      # CIFAR-10 downloaded into ./data
+#   bash smoke.sh --data-dir DIR       # a folder holding cifar-10-batches-py/
 set -euo pipefail
 cd "$(dirname "$0")"
 out=runs/smoke-$(date +%Y%m%d-%H%M%S)

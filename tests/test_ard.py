@@ -1,4 +1,4 @@
-"""ard.py against shared/spec/ard.md: defaults, the tempered KD loss with its elemmean reduction,
+"""ard.py against docs/ard.md: defaults, the tempered KD loss with its elemmean reduction,
 the train-mode attack, the forward ledger, one optimisation step computed independently, a smoke run."""
 
 import copy

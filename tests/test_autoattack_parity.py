@@ -1,4 +1,4 @@
-"""Bit parity of eval_attacks.py's AutoAttack with the official code (shared/spec/eval_attacks.md §10.1).
+"""Bit parity of eval_attacks.py's AutoAttack with the official code (docs/eval_attacks.md §10.1).
 
 The oracle is `pyautoattack` 0.2.0 (fra31/auto-attack@a392200 repackaged), a test-only dependency:
 these tests skip when it is absent. Everything runs on the CPU with one thread, the same seed and

@@ -3,6 +3,7 @@ wild, every bad input), the monitor. Architectures are in test_architectures.py.
 
 import argparse
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -206,10 +207,10 @@ def test_save_is_atomic(tmp_path, monkeypatch):
     _, path = suite_ckpt(tmp_path)
     before = path.read_bytes()
 
-    def crash(obj, fh, *a, **k):
-        fh.write(b"partial")
+    def crash(src, dst):  # killed after the temp file is written, before the rename
+        assert Path(src).read_bytes() != before
         raise KeyboardInterrupt
-    monkeypatch.setattr(torch, "save", crash)
+    monkeypatch.setattr(common.os, "replace", crash)
     with pytest.raises(KeyboardInterrupt):
         common.save_checkpoint(path, {"x": torch.zeros(1)})
     assert path.read_bytes() == before
@@ -347,7 +348,7 @@ def test_monitor_counts_like_an_independent_loop(cifar_dir):
     bn_before = model.layer1[1].running_mean.clone()
     torch.manual_seed(123)
     got = common.monitor(model, loader, {**common.MONITORS["pgd20-monitor"], "steps": 5})
-    # independent: same draws, PGD of shared/spec/README.md written out here
+    # independent: same draws, PGD of docs/conventions.md written out here
     torch.manual_seed(123)
     model.eval()
     clean = robust = 0

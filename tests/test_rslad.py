@@ -1,4 +1,4 @@
-"""rslad.py against shared/spec/rslad.md: defaults, the loss (RSLAD Eq. 3 with the code's reductions),
+"""rslad.py against docs/rslad.md: defaults, the loss (RSLAD Eq. 3 with the code's reductions),
 the inner maximisation, one optimisation step computed independently, and a subprocess smoke run."""
 
 import copy

@@ -1,4 +1,4 @@
-"""train_teacher.py: recipe defaults against shared/spec/teachers.md, the losses and attacks against
+"""train_teacher.py: recipe defaults against docs/train_teacher.md, the losses and attacks against
 independent computations, exact --resume, and a subprocess smoke run of natural training, SAT and TRADES."""
 
 import copy

@@ -1,7 +1,7 @@
 """Throughput of common.DeviceLoader against a torchvision DataLoader with the same augmentation
 (RandomCrop(32, padding=4) + RandomHorizontalFlip + ToTensor), batch 128, 3 epochs.
 
-    python tools/bench_loader.py --data-dir ../shared/data/cifar10-dev [--device cuda]
+    python tools/bench_loader.py --data-dir DIR [--device cuda]   # DIR in the cifar-10-batches-py layout
 """
 
 import argparse
