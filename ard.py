@@ -138,7 +138,7 @@ def loss_fn(logits_adv, logits_nat, logits_teacher, y, args):
 
 def train_step(student, teacher, optimizer, x_nat, y, args):
     """One batch: the attack, then the ledger S(x'), T(x), S(x) (main.py train())."""
-    x_adv = inner_max(student, x_nat, y, args)
+    x_adv = inner_max(common.local(student), x_nat, y, args)
     with common.autocast(args.amp, x_nat.device):
         logits_adv = student(x_adv).float()  # the logits AttackPGD returns: one more train-mode pass on x'
         with torch.no_grad():
@@ -177,8 +177,8 @@ def main(argv=None):
     test_data = common.test_loader(args, device=device)
     default_teacher = "dm_wrn70_16" if args.dataset == "cifar100" else "wrn34_10"
     teacher, _ = common.load_teacher(args, device, default_teacher)
-    student = common.prepare_model(common.build_model(args.arch, num_classes), args, device)
-    optimizer = torch.optim.SGD(student.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.wd)
+    student = common.prepare_student(common.build_model(args.arch, num_classes), args, device)
+    optimizer = common.sgd(student.parameters(), args.lr, args.momentum, args.wd)
     cfg = common.monitor_config(args.monitor, args.dataset)
     start = run.begin(student, optimizer)
     if not run.resumed:
@@ -190,7 +190,7 @@ def main(argv=None):
         student.train()
         totals, n_seen = {}, 0
         with common.EpochTimer(device) as timer:
-            for x_nat, y in train_data:
+            for x_nat, y in run.batches(train_data, epoch):
                 terms = train_step(student, teacher, optimizer, x_nat, y, args)
                 for k, v in terms.items():
                     totals[k] = totals.get(k, 0) + v.detach() * len(y)

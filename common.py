@@ -7,6 +7,7 @@ Importing this module has no side effects.
 """
 
 import argparse
+import atexit
 import contextlib
 import datetime
 import hashlib
@@ -25,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -34,8 +36,10 @@ import torch.nn.functional as F
 # ======================================================================================
 
 def fail(msg, status=2):
-    """One-line error for the user and exit. Status 2 (argparse's) for bad input; 1 for a run that diverged."""
-    print(f"error: {msg}", file=sys.stderr, flush=True)
+    """One-line error for the user and exit. Status 2 (argparse's) for bad input; 1 for a run that diverged.
+    Under torchrun every rank exits, rank 0 alone prints."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"error: {msg}", file=sys.stderr, flush=True)
     raise SystemExit(status)
 
 
@@ -115,11 +119,14 @@ def parser(script, description):
 
 # Flags that may differ from the saved run on --resume: where things are (a moved data folder or
 # teacher file), where it runs, and a longer run. Everything else is the saved run's.
-RESUME_MAY_CHANGE = ("resume", "device", "epochs", "data_dir", "runs_dir", "unsafe_load", "compile")
+RESUME_MAY_CHANGE = ("resume", "device", "epochs", "data_dir", "runs_dir", "unsafe_load", "compile", "compile_mode",
+                     "progress_every")
 
 
 def _given_flags(p, argv):
     """dest -> value of the flags typed on the command line (read from argv, not by comparing defaults)."""
+    if "-h" in argv or "--help" in argv:
+        p.parse_args(argv)  # prints the help with the real defaults, and exits
     saved = [(a, a.default, a.required) for a in p._actions]
     try:
         for a, _, _ in saved:
@@ -209,10 +216,17 @@ def add_run_args(p, *, monitor, eval_every=1, eval_all_from=None, eval_first=Fal
     g.add_argument("--amp", default="off", choices=["off", "bf16"],
                    help="bf16 autocast around network forwards only; attack iterates, losses and the monitor stay fp32")
     g.add_argument("--channels-last", action="store_true", help="channels-last memory format for models and batches")
-    g.add_argument("--compile", action="store_true", help="torch.compile the trained model")
+    g.add_argument("--compile", action="store_true", help="torch.compile the models (student and teachers)")
+    g.add_argument("--compile-mode", default="default", choices=["default", "reduce-overhead", "max-autotune"],
+                   help="torch.compile mode; reduce-overhead records CUDA graphs")
     g.add_argument("--deterministic", action="store_true",
                    help="deterministic cuDNN kernels and torch.use_deterministic_algorithms (slower)")
     g.add_argument("--no-tf32", action="store_true", help="disable TF32 matmuls/convolutions during training")
+    g.add_argument("--sync-bn", action="store_true",
+                   help="under torchrun: BatchNorm statistics over the global batch (SyncBatchNorm); default: "
+                        "per rank, with rank 0's running statistics kept, as nn.DataParallel in the official runs")
+    g.add_argument("--progress-every", type=float, default=60.0,
+                   help="seconds between progress lines inside an epoch (images/s, ETA); 0: none")
     g = p.add_argument_group("robustness monitor and checkpoint selection (docs/common.md §7)")
     g.add_argument("--monitor", default=monitor, choices=sorted(MONITORS),
                    help="test-set attack that scores each monitored epoch; best.pt is its maximum")
@@ -331,24 +345,33 @@ def load_split(dataset, data_dir, train, subset=None, download=True):
     return x, y
 
 
-def random_crop_flip(x, pad, flip):
-    """RandomCrop(32, padding=pad) with zero fill + RandomHorizontalFlip(0.5), per image, on x's device.
+def crop_flip_params(n, pad, flip, device, generator=None):
+    """Offsets independent and uniform in {0, ..., 2*pad} per axis (torchvision's RandomCrop.get_params)
+    and a flip per image with probability 0.5: (top [n,1], left [n,1], flipped [n,1] or None)."""
+    top = torch.randint(0, 2 * pad + 1, (n, 1), device=device, generator=generator)
+    left = torch.randint(0, 2 * pad + 1, (n, 1), device=device, generator=generator)
+    flipped = torch.rand(n, 1, device=device, generator=generator) < 0.5 if flip else None
+    return top, left, flipped
 
-    Offsets are independent and uniform in {0, ..., 2*pad} per axis (torchvision's get_params);
-    a flipped image reads its crop window right to left.
-    """
+
+def random_crop_flip(x, pad, flip, params=None, generator=None):
+    """RandomCrop(32, padding=pad) with zero fill + RandomHorizontalFlip(0.5), per image, on x's device;
+    a flipped image reads its crop window right to left. `params` from crop_flip_params, else drawn."""
     n, c, h, w = x.shape
     dev = x.device
+    top, left, flipped = params if params is not None else crop_flip_params(n, pad, flip, dev, generator)
     padded = F.pad(x, (pad, pad, pad, pad))
-    top = torch.randint(0, 2 * pad + 1, (n, 1), device=dev)
-    left = torch.randint(0, 2 * pad + 1, (n, 1), device=dev)
     rows = top + torch.arange(h, device=dev)
     cols = left + torch.arange(w, device=dev)
-    if flip:
-        flipped = torch.rand(n, 1, device=dev) < 0.5
+    if flipped is not None:
         cols = torch.where(flipped, cols.flip(1), cols)
     return padded[torch.arange(n, device=dev)[:, None, None, None], torch.arange(c, device=dev)[None, :, None, None],
                   rows[:, None, :, None], cols[:, None, None, :]]
+
+
+def epoch_seed(seed, epoch):
+    """The seed of one epoch's data order (and of one monitor pass): the same on every rank."""
+    return (int(seed) * 1_000_003 + int(epoch)) % 2 ** 63
 
 
 class DeviceLoader:
@@ -356,36 +379,60 @@ class DeviceLoader:
 
     Yields float32 batches in [0,1] and int64 labels. No worker processes and no host-to-device
     copies inside the loop. `train=False` gives the split in order, unaugmented.
+
+    Training batches come from `epoch(e)`: permutation and augmentation are drawn from a generator
+    seeded with (seed, e) alone, so that a resumed run and every rank of a torchrun job draw the same
+    global batches, whatever else consumed random numbers. Under torchrun each rank yields its
+    contiguous slice of every global batch (the global batch stays `batch_size`).
     """
 
     def __init__(self, x, y, batch_size, *, train, flip=True, pad=4, drop_last=False, device="cpu",
-                 channels_last=False):
+                 channels_last=False, seed=0):
         self.x, self.y = x.to(device), y.to(device)
         self.batch_size, self.train, self.flip, self.pad = batch_size, train, flip, pad
-        self.drop_last, self.device = drop_last, torch.device(device)
+        self.drop_last, self.device, self.seed = drop_last, torch.device(device), seed
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self._epochs = 0
 
     def __len__(self):
         n = len(self.y)
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 
     def __iter__(self):
-        n = len(self.y)
-        order = torch.randperm(n, device=self.device) if self.train else None
+        if self.train:
+            self._epochs += 1
+            return self.epoch(self._epochs)
+        return self._ordered()
+
+    def _ordered(self):
         for b in range(len(self)):
             sl = slice(b * self.batch_size, (b + 1) * self.batch_size)
-            idx = order[sl] if self.train else sl
-            x = self.x[idx]
-            if self.train:
-                x = random_crop_flip(x, self.pad, self.flip)
-            yield x.float().div_(255).contiguous(memory_format=self.memory_format), self.y[idx]
+            yield self._float(self.x[sl]), self.y[sl]
+
+    def _float(self, x):
+        return x.float().div_(255).contiguous(memory_format=self.memory_format)
+
+    def epoch(self, epoch):
+        """The training batches of 1-indexed `epoch` (this rank's slices of them under torchrun)."""
+        rank, world_size = world()
+        g = torch.Generator(device=self.device).manual_seed(epoch_seed(self.seed, epoch))
+        order = torch.randperm(len(self.y), device=self.device, generator=g)
+        for b in range(len(self)):
+            idx = order[b * self.batch_size:(b + 1) * self.batch_size]
+            params = crop_flip_params(len(idx), self.pad, self.flip, self.device, g)  # drawn for the global batch
+            if world_size > 1:
+                if len(idx) < world_size:  # too few images to give every rank one: skipped on every rank
+                    continue
+                keep = torch.tensor_split(torch.arange(len(idx), device=self.device), world_size)[rank]
+                idx, params = idx[keep], tuple(None if t is None else t[keep] for t in params)
+            yield self._float(random_crop_flip(self.x[idx], self.pad, self.flip, params)), self.y[idx]
 
 
 def train_loader(args, batch_size, *, device, drop_last=False, pad=4):
     """Training loader from the shared flags (SVHN is cropped, never flipped: docs/common.md §6)."""
     x, y = load_split(args.dataset, args.data_dir, train=True, subset=args.train_subset)
     return DeviceLoader(x, y, batch_size, train=True, flip=args.dataset != "svhn", pad=pad, drop_last=drop_last,
-                        device=device, channels_last=args.channels_last)
+                        device=device, channels_last=args.channels_last, seed=args.seed)
 
 
 def test_loader(args, *, device, batch_size=None):
@@ -1096,7 +1143,22 @@ def _key_mismatch(model, sd):
 # Runs: seeding, device and precision, run folder, metrics, resume
 # ======================================================================================
 
+def world():
+    """(rank, world size) of this process: (0, 1) outside torchrun."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def is_main():
+    """True on the process that prints and writes (rank 0, or the only process)."""
+    return world()[0] == 0
+
+
 def seed_everything(seed, deterministic=False):
+    """Seeds Python, NumPy and torch. Under torchrun rank r uses seed + r, so that attack noise differs
+    between ranks; data order and the monitor use their own generators (`epoch_seed`), equal on all."""
+    seed = seed + world()[0]
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)  # also seeds every CUDA device
@@ -1109,14 +1171,28 @@ def seed_everything(seed, deterministic=False):
 
 
 def setup_device(args):
-    """Device from --device, TF32 from --no-tf32; called once in main()."""
+    """Device from --device, TF32 from --no-tf32; called once in main(). Under torchrun (WORLD_SIZE > 1)
+    it joins the process group (NCCL on CUDA, gloo on CPU) and takes the device of LOCAL_RANK."""
     name = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         fail(f"--device {name} asked for, but CUDA is not available; use --device cpu")
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size > 1 and not dist.is_initialized():
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if name.startswith("cuda"):
+            name = f"cuda:{local_rank}"
+            torch.cuda.set_device(name)
+        dist.init_process_group("nccl" if name.startswith("cuda") else "gloo")
+        atexit.register(_leave_process_group)
     tf32 = not args.no_tf32
     torch.backends.cuda.matmul.allow_tf32 = tf32
     torch.backends.cudnn.allow_tf32 = tf32
     return torch.device(name)
+
+
+def _leave_process_group():
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def autocast(amp, device):
@@ -1124,14 +1200,122 @@ def autocast(amp, device):
     return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=amp == "bf16")
 
 
+def compile_model(model, args):
+    """torch.compile with --compile-mode. Teacher, student, their train and eval modes, grad and no-grad
+    passes, the last partial batch and the monitor's TF32 setting each add a cache entry for the same
+    forward code; the recompile limit is raised so that these entries stay cached side by side instead
+    of falling back to eager after eight (torch's default)."""
+    config = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(config, name):
+            setattr(config, name, max(getattr(config, name), 64))
+    if hasattr(config, "accumulated_recompile_limit"):
+        config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 512)
+    elif hasattr(config, "accumulated_cache_size_limit"):
+        config.accumulated_cache_size_limit = max(config.accumulated_cache_size_limit, 512)
+    return torch.compile(model, mode=None if args.compile_mode == "default" else args.compile_mode)
+
+
 def prepare_model(model, args, device):
-    """Device, --channels-last and --compile for a freshly built or loaded model."""
+    """Device, --channels-last and --compile for a freshly built or loaded model (teachers, peers)."""
     model = model.to(device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if args.compile:
-        model = torch.compile(model)
+        model = compile_model(model, args)
     return model
+
+
+def prepare_student(model, args, device):
+    """prepare_model for the trained model, and under torchrun: --sync-bn, then DistributedDataParallel.
+    The loss forwards go through the returned wrapper (gradients all-reduced); the attack runs on
+    `local(student)`, the module itself, so that no DDP reducer or buffer broadcast enters it."""
+    model = model.to(device)
+    if world()[1] > 1 and args.sync_bn:
+        model = sync_batchnorm(model, device)
+    model = prepare_model(model, args, device)
+    if world()[1] > 1:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    return model
+
+
+def sgd(params, lr, momentum, wd):
+    """torch.optim.SGD as every method uses it (coupled weight decay, no dampening, no Nesterov). On CUDA
+    the fused kernel: the same update in a few launches instead of several per parameter. `params`
+    may be parameter groups."""
+    params = list(params)
+    first = params[0]["params"][0] if isinstance(params[0], dict) else params[0]
+    fused = {"fused": True} if first.device.type == "cuda" else {}
+    return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=wd, **fused)
+
+
+def local(model):
+    """The module a DDP wrapper holds (compiled or not); the model itself outside torchrun."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over the ranks, differentiable: the gradient of a sum shared by every rank is the sum of the
+    ranks' gradients."""
+
+    @staticmethod
+    def forward(ctx, t):
+        t = t.clone()
+        dist.all_reduce(t)
+        return t
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
+class _SyncBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm over the global batch of a CPU (gloo) torchrun job, where torch's SyncBatchNorm refuses
+    CPU tensors: batch sums and sums of squares are all-reduced (differentiably), then normalised as
+    nn.BatchNorm2d does, running statistics updated with the unbiased global variance."""
+
+    def forward(self, x):
+        if not self.training or world()[1] == 1:
+            return super().forward(x)
+        c = x.shape[1]
+        count = torch.tensor([x.numel() / c], dtype=x.dtype, device=x.device)
+        stats = _AllReduceSum.apply(torch.cat([x.sum((0, 2, 3)), (x * x).sum((0, 2, 3)), count]))
+        n = stats[-1]
+        mean = stats[:c] / n
+        var = stats[c:2 * c] / n - mean * mean
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                self.running_mean.mul_(1 - m).add_(m * mean.detach())
+                self.running_var.mul_(1 - m).add_(m * (var.detach() * n / (n - 1)))
+        out = (x - mean[None, :, None, None]) * torch.rsqrt(var[None, :, None, None] + self.eps)
+        return out * self.weight[None, :, None, None] + self.bias[None, :, None, None] if self.affine else out
+
+
+def sync_batchnorm(model, device):
+    """--sync-bn: torch's SyncBatchNorm on CUDA (NCCL); the gloo version above on CPU. Same state_dict."""
+    if device.type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    for name, child in model.named_children():
+        if type(child) is nn.BatchNorm2d:
+            new = _SyncBatchNorm2d(child.num_features, child.eps, child.momentum, child.affine,
+                                   child.track_running_stats).to(device)
+            new.load_state_dict(child.state_dict())
+            setattr(model, name, new)
+        else:
+            sync_batchnorm(child, device)
+    return model
+
+
+def all_sum(t):
+    """Sum of a tensor over the ranks (the tensor itself outside torchrun); a collective on every rank."""
+    if world()[1] > 1:
+        t = t.clone()
+        dist.all_reduce(t)
+    return t
 
 
 def freeze(model):
@@ -1142,7 +1326,8 @@ def freeze(model):
 
 
 def unwrap_model(model):
-    return getattr(model, "_orig_mod", model)
+    """The plain module under a DDP wrapper and a torch.compile wrapper (for state_dict and saving)."""
+    return getattr(local(model), "_orig_mod", local(model))
 
 
 def _jsonable(value):
@@ -1176,14 +1361,21 @@ def _set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def say(*a):
+    """print, on the main process only."""
+    if is_main():
+        print(*a, flush=True)
+
+
 class Run:
     """Run folder `runs/<script>__<dataset>__<arch>__s<seed>__<time>/` with args.json, metrics.jsonl,
-    last.pt and best.pt; per-epoch progress line; divergence guard; exact resume from last.pt.
+    last.pt and best.pt; progress lines; divergence guard; exact resume from last.pt. Under torchrun
+    every rank keeps the same bookkeeping and rank 0 alone writes.
 
     Usage: `args = common.parse(p, argv, ...)` (with --resume it restores the saved flags), then
     `run = Run(script, args, arch)`, `start = run.begin(model, optimizer)` once setup has succeeded
-    (nothing is written before), and per epoch `metrics = run.train_metrics(...)` followed by
-    `run.end_epoch(...)`.
+    (nothing is written before), and per epoch `for x_nat, y in run.batches(train_data, epoch)`,
+    `metrics = run.train_metrics(...)`, then `run.end_epoch(...)`.
     """
 
     def __init__(self, script, args, arch):
@@ -1199,25 +1391,27 @@ class Run:
                 i += 1
                 self.dir = base.with_name(f"{base.name}-{i}")
         self.best = {"value": None, "epoch": None}
-        self.epoch_seconds = []
+        self.epoch_seconds, self.epoch_walls, self.images = [], [], None
+        self._last_end = None
 
     def begin(self, model, optimizer, extra=None, peer=None):
         """Call just before the epoch loop, once every flag is final: writes args.json, or loads the
         resumed state into model (and `peer`), optimizer and `extra`. Returns the first epoch to run."""
         self.args_json = {"script": self.script, **_jsonable({k: v for k, v in vars(self.args).items()
                                                               if not k.startswith("_")})}
-        print(f"run folder: {self.dir}", flush=True)
+        self._last_end = time.perf_counter()
+        self._models = [m for m in (model, peer) if m is not None]
+        say(f"run folder: {self.dir}")
         if not self.resumed:  # the folder appears only once setup has succeeded
-            check_writable(self.dir.parent)
-            try:
-                self.dir.mkdir()
-            except OSError as e:
-                _write_error(self.dir, e)
-            write_text(self.dir / "args.json", json_dumps({**self.args_json, "env": environment()}, indent=2) + "\n")
+            if is_main():
+                check_writable(self.dir.parent)
+                try:
+                    self.dir.mkdir()
+                except OSError as e:
+                    _write_error(self.dir, e)
+                write_text(self.dir / "args.json", json_dumps({**self.args_json, "env": environment()}, indent=2) + "\n")
             return 1
         ck = self.resumed
-        for stale in self.dir.glob(".*.tmp"):  # a write cut short by the kill
-            _remove(stale)
         unwrap_model(model).load_state_dict(ck["model"])
         if peer is not None:
             unwrap_model(peer).load_state_dict(ck["peer"])
@@ -1227,8 +1421,25 @@ class Run:
         sel = ck.get("select") or {}
         self.best = {"value": sel.get("best_value"), "epoch": sel.get("best_epoch")}
         epoch = ck["epoch"]
-        self._record_resume(epoch)
-        metrics = self.dir / "metrics.jsonl"  # drop the lines of epochs after the checkpoint
+        if is_main():
+            for stale in self.dir.glob(".*.tmp"):  # a write cut short by the kill
+                _remove(stale)
+            self._record_resume(epoch)
+            self._truncate_metrics(epoch)
+        rank, world_size = world()
+        states = ck.get("rng_ranks") or [ck["rng"]]
+        if len(states) != world_size:
+            say(f"warning: {self.dir.name} was saved by {len(states)} process(es), resumed by {world_size}; "
+                "the data order is the same, the attack noise is not")
+        _set_rng_state(states[rank % len(states)])
+        say(f"resumed {self.dir.name} after epoch {epoch}")
+        if epoch >= self.args.epochs:
+            say(f"nothing to do: the run has finished its {self.args.epochs} epochs; pass --epochs N to train longer")
+        return epoch + 1
+
+    def _truncate_metrics(self, epoch):
+        """metrics.jsonl keeps the lines of the epochs the checkpoint holds."""
+        metrics = self.dir / "metrics.jsonl"
         if metrics.exists():
             kept = []
             for line in metrics.read_text().splitlines():
@@ -1238,12 +1449,6 @@ class Run:
                 except ValueError:  # a line cut short by the kill
                     pass
             write_text(metrics, "".join(ln + "\n" for ln in kept))
-        _set_rng_state(ck["rng"])
-        print(f"resumed {self.dir.name} after epoch {epoch}", flush=True)
-        if epoch >= self.args.epochs:
-            print(f"nothing to do: the run has finished its {self.args.epochs} epochs; pass --epochs N to train "
-                  "longer", flush=True)
-        return epoch + 1
 
     def _record_resume(self, epoch):
         """args.json keeps the flags as they are now and a list of the resumes with what changed."""
@@ -1257,13 +1462,40 @@ class Run:
         write_text(path, json_dumps({**self.args_json, "env": saved.get("env"), "resumes": resumes}, indent=2) + "\n")
 
     def log(self, record):
-        write_text(self.dir / "metrics.jsonl", json_dumps(record) + "\n", append=True)
+        if is_main():
+            write_text(self.dir / "metrics.jsonl", json_dumps(record) + "\n", append=True)
+
+    def batches(self, loader, epoch):
+        """The training batches of `epoch` (this rank's slices under torchrun), with a progress line every
+        --progress-every seconds: images/s and the ETA of the epoch and of the run, monitor included.
+        Host clock only: no device sync per step (on a GPU the rate shows once the launch queue is full)."""
+        every, total = getattr(self.args, "progress_every", 0), len(loader)
+        start = last = time.perf_counter()
+        global_batch = min(loader.batch_size, len(loader.y))
+        for b, batch in enumerate(loader.epoch(epoch), 1):
+            _broadcast_buffers(self._models)
+            yield batch
+            now = time.perf_counter()
+            if every and now - last >= every and b < total:
+                last = now
+                rate = b / (now - start)  # batches per second
+                eta_epoch = (total - b) / rate
+                walls = self.epoch_walls or [total / rate]
+                eta_run = eta_epoch + (self.args.epochs - epoch) * sum(walls) / len(walls)
+                say(f"  epoch {epoch} batch {b}/{total}  {rate * global_batch:.0f} img/s  epoch ETA "
+                    f"{datetime.timedelta(seconds=round(eta_epoch))}  run ETA {datetime.timedelta(seconds=round(eta_run))}")
 
     def train_metrics(self, epoch, totals, n_seen, optimizer, *models):
-        """Epoch means of the loss terms (one host sync per term, once per epoch) and the lr. A term
-        that is not finite, or a model holding a non-finite weight, stops the run (exit status 1)
-        before anything of this epoch is saved: last.pt and best.pt keep the last finite epoch."""
-        metrics = {"lr": optimizer.param_groups[0]["lr"], **{k: float(v) / n_seen for k, v in totals.items()}}
+        """Epoch means of the loss terms and the lr: one host sync, once per epoch (under torchrun the sums
+        and counts of all ranks, all-reduced). A term that is not finite, or a model holding a non-finite
+        weight, stops the run (exit status 1) before anything of this epoch is saved: last.pt and
+        best.pt keep the last finite epoch."""
+        keys = list(totals)
+        device = next(iter(totals.values())).device if totals else torch.device("cpu")
+        sums = all_sum(torch.stack([torch.as_tensor(totals[k], dtype=torch.float64, device=device) for k in keys]
+                                   + [torch.tensor(float(n_seen), dtype=torch.float64, device=device)])).tolist()
+        self.images = int(sums[-1])
+        metrics = {"lr": optimizer.param_groups[0]["lr"], **{k: v / self.images for k, v in zip(keys, sums)}}
         bad = [k for k, v in metrics.items() if not math.isfinite(v)]
         if not bad:
             bad = [f"the weights of {unwrap_model(m).arch}" for m in models if not all_finite(m)]
@@ -1275,10 +1507,12 @@ class Run:
         return metrics
 
     def end_epoch(self, epoch, metrics, model, optimizer, *, value=None, extra=None, images=None, seconds=None,
-                  peer=None):
+                  peer=None, value_name=None):
         """Log the epoch, update best.pt (highest `value`, ties keep the earlier epoch), write last.pt.
-        best.pt is written before last.pt, so that a failed write never leaves last.pt ahead of best.pt."""
+        best.pt is written before last.pt, so that a failed write never leaves last.pt ahead of best.pt.
+        `images` defaults to the global count train_metrics found."""
         args = self.args
+        images = self.images if self.images is not None else images
         record = {"epoch": epoch, **metrics}
         if seconds is not None:
             self.epoch_seconds.append(seconds)
@@ -1290,19 +1524,27 @@ class Run:
             self.best = {"value": value, "epoch": epoch}
         record["best_epoch"], record["best_value"] = self.best["epoch"], self.best["value"]
         self.log(record)
-        select = {"monitor": args.monitor, "value": value, "epoch": epoch}
-        if new_best:
-            save_checkpoint(self.dir / "best.pt", checkpoint_dict(
-                model, kind="best", epoch=epoch, dataset=args.dataset, args=self.args_json, metrics=record,
-                select=select, peer=peer))
-            print(f"  best.pt <- epoch {epoch} ({args.monitor} {100 * value:.2f}%); selected on the test set, "
-                  "as the papers do, not good practice", flush=True)
-        last_select = {**select, "best_value": self.best["value"], "best_epoch": self.best["epoch"]}
-        ck = checkpoint_dict(model, kind="last", epoch=epoch, dataset=args.dataset, args=self.args_json,
-                             metrics=record, select=last_select, optimizer=optimizer, extra=extra, peer=peer)
-        ck["rng"] = _rng_state()
-        save_checkpoint(self.dir / "last.pt", ck)
-        print(self._progress(record, args.epochs), flush=True)
+        states = _rng_states_of_all_ranks()  # a collective: every rank takes part
+        # value_name: what `value` is when it is not the monitor's robust accuracy (e.g. W-Robust)
+        select = {"monitor": args.monitor, "value": value, "epoch": epoch, **({"value_name": value_name} if value_name else {})}
+        if is_main():
+            if new_best:
+                save_checkpoint(self.dir / "best.pt", checkpoint_dict(
+                    model, kind="best", epoch=epoch, dataset=args.dataset, args=self.args_json, metrics=record,
+                    select=select, peer=peer))
+                say(f"  best.pt <- epoch {epoch} ({value_name or args.monitor} {100 * value:.2f}%); selected on the test set, "
+                    "as the papers do, not good practice")
+            last_select = {**select, "best_value": self.best["value"], "best_epoch": self.best["epoch"]}
+            ck = checkpoint_dict(model, kind="last", epoch=epoch, dataset=args.dataset, args=self.args_json,
+                                 metrics=record, select=last_select, optimizer=optimizer, extra=extra, peer=peer)
+            ck["rng"] = states[0]
+            if len(states) > 1:
+                ck["rng_ranks"] = states
+            save_checkpoint(self.dir / "last.pt", ck)
+        now = time.perf_counter()
+        self.epoch_walls.append(now - self._last_end)  # training, monitor and saving
+        self._last_end = now
+        say(self._progress(record, args.epochs))
         return record
 
     def _progress(self, r, total):
@@ -1314,10 +1556,30 @@ class Run:
                 parts.append(f"{k} {100 * v:.2f}" if k.endswith(("clean", "robust", "acc")) else f"{k} {v:.4g}")
         if "images_per_s" in r:
             parts.append(f"{r['images_per_s']:.0f} img/s")
-        if self.epoch_seconds:
-            eta = sum(self.epoch_seconds) / len(self.epoch_seconds) * (total - r["epoch"])
-            parts.append(f"{r['seconds']:.1f}s ETA {datetime.timedelta(seconds=round(eta))}")
+        if self.epoch_walls:
+            eta = sum(self.epoch_walls) / len(self.epoch_walls) * (total - r["epoch"])
+            parts.append(f"{r.get('seconds', 0):.1f}s ETA {datetime.timedelta(seconds=round(eta))}")
         return "  ".join(parts)
+
+
+def _broadcast_buffers(models):
+    """Under torchrun, every rank takes rank 0's BatchNorm statistics before a step, as nn.DataParallel's
+    replicas took device 0's: the attack then sees the same statistics on every rank, and last.pt
+    (rank 0's) holds the whole state a resumed run needs."""
+    if world()[1] > 1:
+        for m in models:
+            for b in unwrap_model(m).buffers():
+                dist.broadcast(b, 0)
+
+
+def _rng_states_of_all_ranks():
+    """This process's generator states, or under torchrun every rank's, gathered (a collective)."""
+    state = _rng_state()
+    if world()[1] == 1:
+        return [state]
+    states = [None] * world()[1]
+    dist.all_gather_object(states, state)
+    return states
 
 
 def all_finite(model):
@@ -1346,7 +1608,7 @@ def measure_teacher(run, teacher, test_data, cfg, prefix="teacher"):
     record = {f"{prefix}/clean": m["clean"], f"{prefix}/robust": m["robust"]}
     run.log({"epoch": 0, **record})
     robust = "" if m["robust"] is None else f", {run.args.monitor} {100 * m['robust']:.2f}%"
-    print(f"{prefix}: clean {100 * m['clean']:.2f}%{robust} on {len(test_data.y)} test images", flush=True)
+    say(f"{prefix}: clean {100 * m['clean']:.2f}%{robust} on {len(test_data.y)} test images")
     return record
 
 
@@ -1365,8 +1627,8 @@ def measure_norms(run, model, test_data, prefix="teacher"):
     base.mean.copy_(saved[0])
     base.std.copy_(saved[1])
     run.log({"epoch": 0, **record})
-    print(f"{prefix}: clean " + ", ".join(f"{100 * v:.2f}% with {k.split('_')[1]} constants" for k, v in record.items())
-          + f" (in use: {getattr(run.args, prefix + '_norm', None)})", flush=True)
+    say(f"{prefix}: clean " + ", ".join(f"{100 * v:.2f}% with {k.split('_')[1]} constants" for k, v in record.items())
+        + f" (in use: {getattr(run.args, prefix + '_norm', None)})")
     return record
 
 
@@ -1394,7 +1656,8 @@ def environment():
     return {"python": platform.python_version(), "torch": torch.__version__,
             "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version() if torch.cuda.is_available() else None,
             "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
-            "host": platform.node(), "date": datetime.datetime.now().isoformat(timespec="seconds")}
+            "host": platform.node(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
+            "world_size": world()[1]}
 
 
 # ======================================================================================
@@ -1442,9 +1705,10 @@ def fp32_eval(model):
         model.train(was_training)
 
 
-def _monitor_pgd(model, x, y, eps, steps, step, start, loss):
-    """PGD of docs/conventions.md: sign step, project to the eps-ball, clamp to [0,1]; last iterate."""
-    x_adv = x + torch.empty_like(x).uniform_(-eps, eps)
+def _monitor_pgd(model, x, y, eps, steps, step, start, loss, noise):
+    """PGD of docs/conventions.md: sign step, project to the eps-ball, clamp to [0,1]; last iterate.
+    `noise` is the random start's U(-eps, eps) draw."""
+    x_adv = x + noise
     if start == "uniform-clamp":
         x_adv = x_adv.clamp(0, 1)
     reduction = "sum" if loss == "ce_sum" else "mean"
@@ -1456,16 +1720,28 @@ def _monitor_pgd(model, x, y, eps, steps, step, start, loss):
     return x_adv
 
 
-def monitor(model, loader, cfg):
-    """Clean and robust test accuracy (fractions of all points), fp32, eval() mode; cfg None = clean only."""
-    n = clean = robust = 0
+def monitor(model, loader, cfg, seed=0):
+    """Clean and robust test accuracy (fractions of all points), fp32, eval() mode; cfg None = clean only.
+
+    The random starts come from a generator seeded with `seed` (the same noise at every call, and no
+    draw from the training run's generator). Under torchrun the ranks share the test batches round
+    robin, every rank draws every batch's noise, and the counts are all-reduced: the numbers equal
+    the single-process ones exactly."""
+    model = local(model)  # the attack takes input gradients only: no DDP wrapper
+    rank, world_size = world()
+    g = torch.Generator(device=loader.device).manual_seed(epoch_seed(seed, 0))
+    counts = torch.zeros(3, dtype=torch.float64, device=loader.device)  # clean, robust, n
     with fp32_eval(model):
-        for x, y in loader:
+        for b, (x, y) in enumerate(loader):
+            noise = None if cfg is None else torch.empty_like(x).uniform_(-cfg["eps"], cfg["eps"], generator=g)
+            if b % world_size != rank:
+                continue
             with torch.no_grad():
-                clean += (model(x).argmax(1) == y).sum()
+                counts[0] += (model(x).argmax(1) == y).sum()
             if cfg is not None:
-                x_adv = _monitor_pgd(model, x, y, **cfg)
+                x_adv = _monitor_pgd(model, x, y, **cfg, noise=noise)
                 with torch.no_grad():
-                    robust += (model(x_adv).argmax(1) == y).sum()
-            n += len(y)
-    return {"clean": float(clean) / n, "robust": float(robust) / n if cfg is not None else None}
+                    counts[1] += (model(x_adv).argmax(1) == y).sum()
+            counts[2] += len(y)
+    clean, robust, n = all_sum(counts).tolist()
+    return {"clean": clean / n, "robust": robust / n if cfg is not None else None}

@@ -165,7 +165,7 @@ def train_step(student, teacher, optimizer, x_nat, y, args):
     with torch.no_grad(), common.autocast(args.amp, x_nat.device):
         x_t = x_nat.half() if args.teacher_dtype == "fp16" else x_nat
         logits_teacher = teacher(x_t).float()  # serves the attack and both loss terms
-    x_adv = inner_max(student, x_nat, y, logits_teacher, args)
+    x_adv = inner_max(common.local(student), x_nat, y, logits_teacher, args)
     with common.autocast(args.amp, x_nat.device):  # two separate passes, each with its own batch statistics
         logits_adv = student(x_adv).float()
         logits_nat = student(x_nat).float()
@@ -198,8 +198,8 @@ def main(argv=None):
     teacher, _ = common.load_teacher(args, device, default_teacher)
     if args.teacher_dtype == "fp16":
         teacher = teacher.half()  # D-RSLAD-1 alternative: revisions before 9e7a108
-    student = common.prepare_model(common.build_model(args.arch, num_classes), args, device)
-    optimizer = torch.optim.SGD(student.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.wd)
+    student = common.prepare_student(common.build_model(args.arch, num_classes), args, device)
+    optimizer = common.sgd(student.parameters(), args.lr, args.momentum, args.wd)
     cfg = common.monitor_config(args.monitor, args.dataset)
     start = run.begin(student, optimizer)
     if not run.resumed and args.teacher_dtype == "fp32":
@@ -213,7 +213,7 @@ def main(argv=None):
         student.train()
         totals, n_seen = {}, 0
         with common.EpochTimer(device) as timer:
-            for x_nat, y in train_data:
+            for x_nat, y in run.batches(train_data, epoch):
                 terms = train_step(student, teacher, optimizer, x_nat, y, args)
                 for k, v in terms.items():
                     totals[k] = totals.get(k, 0) + v.detach() * len(y)

@@ -179,7 +179,7 @@ def make_optimizer(student, args):
         groups = [{"params": decay, "weight_decay": args.wd}, {"params": rest, "weight_decay": 0.0}]
     else:
         groups = [{"params": list(student.parameters()), "weight_decay": args.wd}]
-    return torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum)
+    return common.sgd(groups, args.lr, args.momentum, args.wd)  # each group's weight_decay wins
 
 
 def lr_at(step, args):
@@ -205,7 +205,7 @@ def main(argv=None):
         args.iterations = args.iterations or args.epochs * len(train_data)
         args.epochs = math.ceil(args.iterations / len(train_data))
     norm = None if args.norm == "none" else args.norm
-    student = common.prepare_model(common.build_model(args.arch, num_classes, norm), args, device)
+    student = common.prepare_student(common.build_model(args.arch, num_classes, norm), args, device)
     optimizer = make_optimizer(student, args)
     start = run.begin(student, optimizer)
     cfg = common.monitor_config(args.monitor, args.dataset)
@@ -216,14 +216,14 @@ def main(argv=None):
                 g["lr"] = lr_at(epoch, args)
         totals, n_seen, correct = {}, 0, torch.zeros((), device=device)
         with common.EpochTimer(device) as timer:
-            for i, (x_nat, y) in enumerate(train_data):
+            for i, (x_nat, y) in enumerate(run.batches(train_data, epoch)):
                 if args.recipe == "sat-madry":
                     iteration = (epoch - 1) * len(train_data) + i + 1
                     if iteration > args.iterations:
                         break
                     for g in optimizer.param_groups:
                         g["lr"] = lr_at(iteration, args)
-                x_adv = x_nat if args.kind == "natural" else inner_max(student, x_nat, y, args)
+                x_adv = x_nat if args.kind == "natural" else inner_max(common.local(student), x_nat, y, args)
                 loss, terms, logits = loss_fn(student, x_nat, x_adv, y, args)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()

@@ -1,6 +1,7 @@
 """Shared fixtures: tiny data sets written in the standard on-disk layouts, so that the real reading
 code runs in every test. The images are learnable: each class has its own colour pattern plus noise."""
 
+import contextlib
 import pickle
 import subprocess
 import sys
@@ -165,31 +166,51 @@ def _timing_free(records):
     return [{k: v for k, v in r.items() if "seconds" not in k and k != "images_per_s"} for r in records]
 
 
-def check_resume_alone(script, argv, tmp_path, epochs=3):
+def descendants(pid):
+    """Every process below `pid` (Linux /proc)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        for children in Path(f"/proc/{p}/task").glob("*/children"):
+            with contextlib.suppress(OSError):
+                kids = [int(c) for c in children.read_text().split()]
+                out += kids
+                todo += kids
+    return out
+
+
+def check_resume_alone(script, argv, tmp_path, epochs=3, launcher=None):
     """What a user does after a crash: `script argv --epochs N` runs uninterrupted in one folder; the same
-    command in a second folder is killed (SIGKILL) as soon as its first last.pt exists, i.e. during a
-    later epoch; then `script --resume <that run>/last.pt` alone finishes it. The two runs must end
-    equal: last.pt's model, optimizer state, epoch and `extra`, and metrics.jsonl except timings.
+    command in a second folder is killed (SIGKILL to it and every process below it) as soon as its first last.pt
+    exists, i.e. during a later epoch; then `script --resume <that run>/last.pt` alone finishes it.
+    The two runs must end equal: last.pt's model, peer, optimizer state, epoch and `extra`, and
+    metrics.jsonl except timings. `launcher` (e.g. torchrun's command) prefixes every command.
     Returns the two run folders (uninterrupted, resumed)."""
     import os
     import signal
     import time
-    cmd = [sys.executable, str(ROOT / script), *map(str, argv), "--epochs", str(epochs)]
-    full = subprocess.run([*cmd, "--runs-dir", str(tmp_path / "full")], capture_output=True, text=True, timeout=600)
+    launch = list(launcher or [sys.executable])
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [*launch, str(ROOT / script), *map(str, argv), "--epochs", str(epochs)]
+    full = subprocess.run([*cmd, "--runs-dir", str(tmp_path / "full")], capture_output=True, text=True, timeout=600,
+                          cwd=tmp_path, env=env)
     assert full.returncode == 0, full.stderr[-3000:]
     proc = subprocess.Popen([*cmd, "--runs-dir", str(tmp_path / "part")], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=env, start_new_session=True)
     deadline = time.monotonic() + 600
     while not list((tmp_path / "part").glob("*/last.pt")) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.005)
-    os.kill(proc.pid, signal.SIGKILL)
+    finished = proc.poll() is not None
+    for pid in [proc.pid, *descendants(proc.pid)]:  # torchrun's workers live in sessions of their own
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
     proc.wait()
-    assert proc.returncode == -signal.SIGKILL, f"the run ended before it could be killed: {proc.stderr.read()[-2000:]}"
+    assert not finished, f"the run ended before it could be killed: {proc.stderr.read()[-2000:]}"
     (full_dir,), (part_dir,) = (list((tmp_path / d).iterdir()) for d in ("full", "part"))
     killed_at = torch.load(part_dir / "last.pt", weights_only=True)["epoch"]
     assert 1 <= killed_at < epochs
-    resumed = subprocess.run([sys.executable, str(ROOT / script), "--resume", str(part_dir / "last.pt")],
-                             capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    resumed = subprocess.run([*launch, str(ROOT / script), "--resume", str(part_dir / "last.pt")],
+                             capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"after epoch {killed_at}" in resumed.stdout
     a, b = (torch.load(d / "last.pt", weights_only=True) for d in (full_dir, part_dir))

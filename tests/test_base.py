@@ -101,7 +101,7 @@ def test_resume_accepts_a_moved_data_dir_and_teacher_but_not_another_teacher(fin
 
 def test_resume_help_lists_the_flags_that_may_change(capsys):
     entry = "".join(help_options(rslad, capsys)["--resume"].split())  # argparse may wrap inside a flag name
-    assert "only--compile,--data-dir,--device,--epochs,--runs-dir,--teacher,--unsafe-loadmaybegivenagain" in entry
+    assert "only--compile,--compile-mode,--data-dir,--device,--epochs,--progress-every,--runs-dir,--teacher,--unsafe-loadmaybegivenagain" in entry
 
 
 # ---------------------------------------------------------------------------------------------
@@ -372,6 +372,12 @@ def test_help_states_each_default_once(module, capsys):
     for entry in options.values():
         assert entry.count("(default") <= 1, entry
         assert "(default: None)" not in entry, entry
+
+
+def test_help_shows_the_real_defaults(capsys):
+    options = help_options(rslad, capsys)
+    assert "(default: 8/255)" in options["--eps"] and "(default: 0.1)" in options["--lr"]
+    assert "(default: 300)" in options["--epochs"] and "(default: pgd20-monitor)" in options["--monitor"]
 
 
 def test_resolved_defaults_are_stated_in_help(capsys):

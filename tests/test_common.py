@@ -346,15 +346,17 @@ def test_monitor_counts_like_an_independent_loop(cifar_dir):
     x, y = common.load_split("cifar10", cifar_dir, train=False, subset=48, download=False)
     loader = common.DeviceLoader(x, y, 32, train=False)
     bn_before = model.layer1[1].running_mean.clone()
-    torch.manual_seed(123)
-    got = common.monitor(model, loader, {**common.MONITORS["pgd20-monitor"], "steps": 5})
-    # independent: same draws, PGD of docs/conventions.md written out here
-    torch.manual_seed(123)
+    global_state = torch.get_rng_state()
+    got = common.monitor(model, loader, {**common.MONITORS["pgd20-monitor"], "steps": 5}, seed=7)
+    assert torch.equal(torch.get_rng_state(), global_state)  # the training run's generator is not touched
+    assert common.monitor(model, loader, {**common.MONITORS["pgd20-monitor"], "steps": 5}, seed=7) == got
+    # independent: the monitor's own generator, PGD of docs/conventions.md written out here
+    gen = torch.Generator().manual_seed(common.epoch_seed(7, 0))
     model.eval()
     clean = robust = 0
     for xb, yb in loader:
         clean += (model(xb).argmax(1) == yb).sum().item()
-        xa = (xb + torch.empty_like(xb).uniform_(-8 / 255, 8 / 255)).clamp(0, 1)
+        xa = (xb + torch.empty_like(xb).uniform_(-8 / 255, 8 / 255, generator=gen)).clamp(0, 1)
         for _ in range(5):
             xa.requires_grad_(True)
             g, = torch.autograd.grad(F.cross_entropy(model(xa), yb), xa)

@@ -1,0 +1,180 @@
+"""Time K training steps of a method's `train_step` at real sizes and report images/s, the FLOPs of one
+step (torch.utils.flop_counter, every forward and backward of the step's ledger), the achieved TFLOP/s
+and the MFU against the device's peak, for the eager fp32 configuration and for the configuration the
+flags ask for, in one run, with their ratio. Models are randomly initialised: speed does not depend on
+the weights, and no checkpoint is needed.
+
+    python tools/bench_train.py rslad --arch resnet18 --teacher-arch wrn34_10 --batch-size 128 \\
+        --amp bf16 --channels-last --compile --device cuda
+    python tools/bench_train.py ard --arch cnn_small --teacher-arch cnn_small --batch-size 8 --steps 2   # CPU, tiny
+
+The first positional argument names the method file; every other flag is that script's own (its
+defaults, e.g. the attack's steps, are the method's). --steps and --warmup set the timing, --peak-tflops
+the peak when the device is not in the table below.
+"""
+
+import argparse
+import importlib
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import common  # noqa: E402
+
+# Dense peak TFLOP/s from the vendors' data sheets (SXM parts): bf16 tensor cores, TF32 tensor cores,
+# and plain fp32 (TF32 off).
+PEAKS = {
+    "H200": {"bf16": 989.4, "tf32": 494.7, "fp32": 66.9},
+    "H100": {"bf16": 989.4, "tf32": 494.7, "fp32": 66.9},
+    "A100": {"bf16": 312.0, "tf32": 156.0, "fp32": 19.5},
+    "L40S": {"bf16": 362.1, "tf32": 183.0, "fp32": 91.6},
+    "A10": {"bf16": 125.0, "tf32": 62.5, "fp32": 31.2},
+}
+
+METHODS = ("rslad", "ard", "train_teacher")
+
+
+def method_args(method, argv):
+    """The method script's own parser and defaults, with a placeholder for its checkpoint flags."""
+    module = importlib.import_module(method)
+    fill = {"rslad": ["--teacher", "-"], "ard": ["--teacher", "-"], "train_teacher": []}[method]
+    args, _ = module.parse_args(fill + argv)
+    return module, args
+
+
+def build(method, module, args, device):
+    """Models, optimiser and a step closure `step(x, y)` for `method`, as its main() builds them."""
+    n = common.DATASETS[args.dataset]
+    if method == "train_teacher":
+        student = common.prepare_student(common.build_model(args.arch, n), args, device)
+        optimizer = module.make_optimizer(student, args)
+
+        def step(x, y):
+            x_adv = x if args.kind == "natural" else module.inner_max(common.local(student), x, y, args)
+            loss, terms, _ = module.loss_fn(student, x, x_adv, y, args)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            return terms
+        return step
+    teacher_arch = args.teacher_arch or ("dm_wrn70_16" if args.dataset == "cifar100" else "wrn34_10")
+    teacher = common.prepare_model(common.freeze(common.build_model(teacher_arch, n)), args, device)
+    student = common.prepare_student(common.build_model(args.arch, n), args, device)
+    optimizer = common.sgd(student.parameters(), args.lr, args.momentum, args.wd)
+    return lambda x, y: module.train_step(student, teacher, optimizer, x, y, args)
+
+
+class FlopCount(TorchDispatchMode):
+    """torch.utils.flop_counter's per-operator formulas (convolutions, matmuls, their backward) summed
+    over everything that runs inside the context. FlopCounterMode itself tracks modules with backward
+    hooks that torch.autograd.grad on an input (every attack step) does not support."""
+
+    def __init__(self):
+        super().__init__()
+        self.total = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        formula = flop_registry.get(func._overloadpacket)
+        if formula is not None:
+            self.total += formula(*args, **kwargs, out_val=out)
+        return out
+
+
+def count_flops(fn, *a):
+    with FlopCount() as counter:
+        fn(*a)
+    return counter.total
+
+
+def peak_tflops(device, precision, override):
+    if override:
+        return override
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((p[precision] for key, p in PEAKS.items() if key in name), None)
+
+
+def measure(method, argv, steps, warmup, peak_override):
+    module, args = method_args(method, argv)
+    device = common.setup_device(args)
+    common.seed_everything(args.seed)
+    g = torch.Generator().manual_seed(0)
+    n = common.DATASETS[args.dataset]
+    x = torch.rand(args.batch_size, 3, 32, 32, generator=g).to(device)
+    y = torch.randint(0, n, (args.batch_size,), generator=g).to(device)
+    if args.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    step = build(method, module, args, device)
+    flops = None
+    if not args.compile:  # the flop counter runs eager; a compiled step does the same arithmetic
+        flops = count_flops(step, x, y)
+    for _ in range(warmup):
+        step(x, y)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step(x, y)
+    sync()
+    seconds = (time.perf_counter() - start) / steps
+    precision = "bf16" if args.amp == "bf16" else ("fp32" if args.no_tf32 or device.type != "cuda" else "tf32")
+    return {"args": args, "device": device, "flops": flops, "seconds": seconds,
+            "images_per_s": args.batch_size / seconds, "precision": precision,
+            "peak": peak_tflops(device, precision, peak_override)}
+
+
+def report(name, r, flops):
+    tflops = flops / r["seconds"] / 1e12 if flops else math.nan
+    mfu = f"{100 * tflops / r['peak']:.1f}%" if r["peak"] else "n/a (pass --peak-tflops)"
+    print(f"{name:<10} {r['images_per_s']:>10.1f} img/s  {1000 * r['seconds']:>9.2f} ms/step  "
+          f"{tflops:>8.3f} TFLOP/s  MFU {mfu} (peak: {r['precision']})")
+    return tflops
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], add_help=False)
+    p.add_argument("method", choices=METHODS)
+    p.add_argument("--steps", type=int, default=20, help="timed steps")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation, cuDNN autotuning)")
+    p.add_argument("--peak-tflops", type=float, default=None, help="peak TFLOP/s of the device for the MFU")
+    p.add_argument("-h", "--help", action="store_true")
+    ours, rest = p.parse_known_args(argv)
+    if ours.help:
+        print(__doc__)
+        return
+    eager_argv = [a for a in rest if a not in ("--compile", "--channels-last")]
+    drop = {"--amp": 1, "--compile-mode": 1}
+    cleaned, skip = [], 0
+    for a in eager_argv:
+        if skip:
+            skip -= 1
+            continue
+        if a in drop:
+            skip = drop[a]
+            continue
+        cleaned.append(a)
+    base = measure(ours.method, cleaned + ["--amp", "off", "--no-tf32"], ours.steps, ours.warmup, ours.peak_tflops)
+    fast = measure(ours.method, rest, ours.steps, ours.warmup, ours.peak_tflops)
+    a = base["args"]
+    flops = base["flops"]
+    print(f"{ours.method}: student {a.arch}, batch {a.batch_size}, device {base['device']}"
+          f"{' (' + torch.cuda.get_device_name(base['device']) + ')' if base['device'].type == 'cuda' else ''}")
+    print(f"FLOPs of one training step (every pass of the ledger, forward and backward): {flops} ({flops:.3e})")
+    report("eager fp32", base, flops)
+    report("requested", fast, flops)
+    print(f"speed-up of the requested configuration over eager fp32: {fast['images_per_s'] / base['images_per_s']:.2f}x"
+          f"  ({' '.join(rest) or 'no flags'})")
+
+
+if __name__ == "__main__":
+    main()
