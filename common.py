@@ -120,6 +120,8 @@ RESUME_MAY_CHANGE = ("resume", "device", "epochs", "data_dir", "runs_dir", "unsa
 
 def _given_flags(p, argv):
     """dest -> value of the flags typed on the command line (read from argv, not by comparing defaults)."""
+    if "-h" in argv or "--help" in argv:
+        p.parse_args(argv)  # prints the help with the real defaults, and exits
     saved = [(a, a.default, a.required) for a in p._actions]
     try:
         for a, _, _ in saved:
@@ -1275,7 +1277,7 @@ class Run:
         return metrics
 
     def end_epoch(self, epoch, metrics, model, optimizer, *, value=None, extra=None, images=None, seconds=None,
-                  peer=None):
+                  peer=None, value_name=None):
         """Log the epoch, update best.pt (highest `value`, ties keep the earlier epoch), write last.pt.
         best.pt is written before last.pt, so that a failed write never leaves last.pt ahead of best.pt."""
         args = self.args
@@ -1290,12 +1292,13 @@ class Run:
             self.best = {"value": value, "epoch": epoch}
         record["best_epoch"], record["best_value"] = self.best["epoch"], self.best["value"]
         self.log(record)
-        select = {"monitor": args.monitor, "value": value, "epoch": epoch}
+        # value_name: what `value` is when it is not the monitor's robust accuracy (e.g. W-Robust)
+        select = {"monitor": args.monitor, "value": value, "epoch": epoch, **({"value_name": value_name} if value_name else {})}
         if new_best:
             save_checkpoint(self.dir / "best.pt", checkpoint_dict(
                 model, kind="best", epoch=epoch, dataset=args.dataset, args=self.args_json, metrics=record,
                 select=select, peer=peer))
-            print(f"  best.pt <- epoch {epoch} ({args.monitor} {100 * value:.2f}%); selected on the test set, "
+            print(f"  best.pt <- epoch {epoch} ({value_name or args.monitor} {100 * value:.2f}%); selected on the test set, "
                   "as the papers do, not good practice", flush=True)
         last_select = {**select, "best_value": self.best["value"], "best_epoch": self.best["epoch"]}
         ck = checkpoint_dict(model, kind="last", epoch=epoch, dataset=args.dataset, args=self.args_json,

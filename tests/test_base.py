@@ -374,6 +374,12 @@ def test_help_states_each_default_once(module, capsys):
         assert "(default: None)" not in entry, entry
 
 
+def test_help_shows_the_real_defaults(capsys):
+    options = help_options(rslad, capsys)
+    assert "(default: 8/255)" in options["--eps"] and "(default: 0.1)" in options["--lr"]
+    assert "(default: 300)" in options["--epochs"] and "(default: pgd20-monitor)" in options["--monitor"]
+
+
 def test_resolved_defaults_are_stated_in_help(capsys):
     for module, flags in ((rslad, ("--kl-scale", "--attack-bn", "--rand-start")), (ard, ("--batch-size",))):
         options = help_options(module, capsys)
