@@ -120,7 +120,7 @@ def parser(script, description):
 # Flags that may differ from the saved run on --resume: where things are (a moved data folder or
 # teacher file), where it runs, and a longer run. Everything else is the saved run's.
 RESUME_MAY_CHANGE = ("resume", "device", "epochs", "data_dir", "runs_dir", "unsafe_load", "compile", "compile_mode",
-                     "progress_every")
+                     "progress_every", "tensorboard")
 
 
 def _given_flags(p, argv):
@@ -209,6 +209,9 @@ def add_run_args(p, *, monitor, eval_every=1, eval_all_from=None, eval_first=Fal
     g.add_argument("--seed", type=int, default=seed, help="seed of torch, numpy and random")
     g.add_argument("--runs-dir", default="runs", help="parent folder of the run folder")
     g.add_argument("--resume", default=None, metavar="LAST_PT", help="(set in parse)")
+    g.add_argument("--tensorboard", action="store_true",
+                   help="also write every number of metrics.jsonl as a TensorBoard scalar into the run folder "
+                        "(needs pip install tensorboard)")
     g.add_argument("--unsafe-load", action="store_true",
                    help="allow checkpoints that need pickle execution (torch.load(weights_only=False)); only for files you trust")
     g = p.add_argument_group("speed and precision")
@@ -1310,6 +1313,11 @@ def sync_batchnorm(model, device):
     return model
 
 
+def all_mean(t):
+    """Mean of a tensor over the ranks (the tensor itself outside torchrun); a collective on every rank."""
+    return all_sum(t) / world()[1] if world()[1] > 1 else t
+
+
 def all_sum(t):
     """Sum of a tensor over the ranks (the tensor itself outside torchrun); a collective on every rank."""
     if world()[1] > 1:
@@ -1367,6 +1375,24 @@ def say(*a):
         print(*a, flush=True)
 
 
+def summary_writer_class():
+    """torch.utils.tensorboard.SummaryWriter for --tensorboard, or one line naming the package to install."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        fail("--tensorboard needs the tensorboard package: pip install tensorboard")
+    return SummaryWriter
+
+
+def tensorboard_scalars(writer, record):
+    """Every number of one metrics.jsonl line as a TensorBoard scalar at step = epoch, flushed at once."""
+    for key, value in record.items():
+        if key != "epoch" and isinstance(value, (int, float)) and not isinstance(value, bool):
+            writer.add_scalar(key, value, record["epoch"])
+    writer.flush()
+    return writer
+
+
 class Run:
     """Run folder `runs/<script>__<dataset>__<arch>__s<seed>__<time>/` with args.json, metrics.jsonl,
     last.pt and best.pt; progress lines; divergence guard; exact resume from last.pt. Under torchrun
@@ -1393,6 +1419,8 @@ class Run:
         self.best = {"value": None, "epoch": None}
         self.epoch_seconds, self.epoch_walls, self.images = [], [], None
         self._last_end = None
+        # --tensorboard: fails here, before anything is written, when the package is missing
+        self.tb_class, self.tb = (summary_writer_class() if getattr(args, "tensorboard", False) else None), None
 
     def begin(self, model, optimizer, extra=None, peer=None):
         """Call just before the epoch loop, once every flag is final: writes args.json, or loads the
@@ -1464,6 +1492,8 @@ class Run:
     def log(self, record):
         if is_main():
             write_text(self.dir / "metrics.jsonl", json_dumps(record) + "\n", append=True)
+            if self.tb_class is not None:  # purge_step: a resumed run drops the killed run's events of the epochs it redoes
+                self.tb = tensorboard_scalars(self.tb or self.tb_class(str(self.dir), purge_step=record["epoch"]), record)
 
     def batches(self, loader, epoch):
         """The training batches of `epoch` (this rank's slices under torchrun), with a progress line every

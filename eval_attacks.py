@@ -7,7 +7,7 @@ fra31/auto-attack@a392200; tests/test_autoattack_parity.py). Black-box: transfer
 checkpoint and Square as a query attack. Input quantisation Q (non-adaptive and BPDA) and W-Robust.
 Test split of CIFAR-10, CIFAR-100 or SVHN; one JSON file holds every number.
 
-Specification: shared/spec/eval_attacks.md (section numbers below refer to it).
+Specification: docs/eval_attacks.md (section numbers below refer to it).
 
 Headline command (one row of RSLAD Table 2 / MTARD Table 2: clean, FGSM, PGD_SAT, PGD_TRADES, CW-inf, AA):
 
@@ -21,7 +21,10 @@ Presets (§2) and the tables they fill:
     ardir                       eps 8/255: FGSM, PGD-20 (SVHN step 1/255), AA.
     adt                         eps 0.031: FGSM_adt, FGSM, FGSM^20 (FGSM^1000 with --long), CW20;
                                 --quant-grid for the Q rows of ADT Tables 1 and 4.
-W-Robust = (clean + robust) / 2 (MTARD) is given for every attack. Calibration target (§10.3): the
+W-Robust = (clean + robust) / 2 (MTARD) is given for every attack, with per-class accuracies and the worst
+class (§9); --eps-sweep 2/255,4/255,8/255,16/255 adds robust accuracy against eps for one attack. A suite
+checkpoint's training script and flags go into the JSON, so that tools/report.py finds the paper's row.
+Calibration target (§10.3): the
 TRADES WRN-34-10 should give clean 84.92, PGD_TRADES 56.61 (uniform start) and AA 53.08 at eps 0.031.
 """
 
@@ -94,7 +97,8 @@ def parse_args(argv=None):
     g.add_argument("--seed", type=int, default=0, help="seed of the random starts (every attack starts from it)")
     g.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
     g.add_argument("--tf32", action="store_true", help="allow TF32 (off by default: evaluation runs in true fp32)")
-    g.add_argument("--deterministic", action="store_true", help="deterministic cuDNN kernels")
+    g.add_argument("--deterministic", action="store_true",
+                   help="deterministic cuDNN kernels and torch.use_deterministic_algorithms (slower)")
     g.add_argument("--amp", nargs="?", const="on", default=None,
                    help="refused: attacks run in fp32 (fp16 zeroes small gradients and DLR's 1e-12 denominators)")
     g = p.add_argument_group("white-box attacks (§2, §3)")
@@ -111,6 +115,12 @@ def parse_args(argv=None):
     g.add_argument("--cw-step", type=common.parse_float, default=None, help="CW-inf step size (preset: 2/255; adt 0.003)")
     g.add_argument("--cw-kappa", type=common.parse_float, default=None, help="CW-inf confidence kappa (preset: 50)")
     g.add_argument("--cw-start", choices=STARTS, default=None, help="CW-inf start (preset: uniform-clamp; adt uniform)")
+    g.add_argument("--eps-sweep", default=None, metavar="EPS,EPS,...",
+                   help="comma list of L-inf radii, e.g. 2/255,4/255,8/255,16/255: robust accuracy of --sweep-attack "
+                        "at each, with the attack's own steps and step size (JSON eps_sweep, §9)")
+    g.add_argument("--sweep-attack", default=None,
+                   help="attack of --eps-sweep: a white-box name or autoattack (the --aa version, standard when off); "
+                        "default: the preset's first PGD attack (pgd_sat; pgd20 for iad and ardir; fgsm20 for adt)")
     g = p.add_argument_group("AutoAttack (§4)")
     g.add_argument("--aa", default=None, choices=["standard", "fast", "rand", "individual", "off"],
                    help="AutoAttack version; default from the preset (standard; adt off)")
@@ -154,7 +164,7 @@ def resolve_protocol(args, dataset):
         "eps", "attacks", "fgsm_start", "pgd_start", "cw_steps", "cw_step", "cw_kappa", "cw_start", "aa",
         "transfer_attacks")}
 
-    def params(name):
+    def params(name, radius=eps):
         if name not in WHITEBOX:
             common.fail(f"unknown attack {name!r}; choose from {', '.join(WHITEBOX)}")
         cfg = dict(WHITEBOX[name])
@@ -171,7 +181,7 @@ def resolve_protocol(args, dataset):
             cfg["start"] = args.fgsm_start
         elif cfg["steps"] > 1 and args.pgd_start is not None:
             cfg["start"] = args.pgd_start
-        cfg["step"] = eps if cfg["step"] is None else cfg["step"]
+        cfg["step"] = radius if cfg["step"] is None else cfg["step"]  # FGSM's step is the radius itself
         return cfg
 
     def names(text, default):
@@ -182,9 +192,34 @@ def resolve_protocol(args, dataset):
     whitebox = names(args.attacks, spec["whitebox"] + (spec.get("long", []) if args.long else []))
     transfer = names(args.transfer_attacks, spec["transfer"]) if args.transfer_from else []
     quant = spec["quant"] + (spec.get("quant_long", []) if args.long else [])
-    return dict(preset=preset, eps=eps, eps_str=str(eps_str), aa=args.aa or spec["aa"],
+    aa = args.aa or spec["aa"]
+    return dict(preset=preset, eps=eps, eps_str=str(eps_str), aa=aa,
                 whitebox={n: params(n) for n in whitebox}, transfer={n: params(n) for n in transfer},
-                quant={n: params(n) for n in quant}, overrides=overrides)
+                quant={n: params(n) for n in quant}, overrides=overrides, sweep=resolve_sweep(args, spec, aa, params))
+
+
+def resolve_sweep(args, spec, aa, params):
+    """--eps-sweep and --sweep-attack -> {attack, points: [(eps_str, eps, params at that eps)]}, or None.
+    Only the ball changes with eps: steps and step size stay the attack's (FGSM's step is eps itself)."""
+    if args.eps_sweep is None:
+        if args.sweep_attack is not None:
+            common.fail("--sweep-attack needs --eps-sweep, e.g. --eps-sweep 2/255,4/255,8/255,16/255")
+        return None
+    name = args.sweep_attack or next(n for n in spec["whitebox"]
+                                     if WHITEBOX[n]["steps"] > 1 and WHITEBOX[n]["loss"] == "ce")
+    if name not in WHITEBOX and name != "autoattack":
+        common.fail(f"--sweep-attack {name!r}: choose autoattack or one of {', '.join(WHITEBOX)}")
+    points = []
+    for text in (t.strip() for t in args.eps_sweep.split(",")):
+        try:
+            radius = common.parse_float(text)
+        except argparse.ArgumentTypeError as e:
+            common.fail(f"--eps-sweep {text!r}: {e}")
+        if not 0 < radius <= 1:
+            common.fail(f"--eps-sweep values must be in (0, 1], got {text!r}")
+        points.append((text, radius, None if name == "autoattack" else params(name, radius)))
+    aa_version = (aa if aa in ("fast", "rand") else "standard") if name == "autoattack" else None
+    return {"attack": name, "aa_version": aa_version, "points": points}
 
 
 def freeze_for_attack(model):
@@ -275,7 +310,7 @@ def cw_loss(logits, y, kappa=50.0):
 
 
 def random_start(x, eps, start, noise=None):
-    """Named starts of shared/spec/README.md; draws on x's device from the default generator, unless
+    """Named starts of docs/conventions.md; draws on x's device from the default generator, unless
     `noise` (the start's perturbation, for tests) is given."""
     if start == "none":
         return x.clone()
@@ -286,7 +321,7 @@ def random_start(x, eps, start, noise=None):
 
 
 def pgd(model, x, y, eps, steps, step, start="uniform-clamp", loss="ce", kappa=50.0, noise=None):
-    """PGD of shared/spec/README.md (sign step, project to the eps-ball, clamp to [0,1]); last iterate.
+    """PGD of docs/conventions.md (sign step, project to the eps-ball, clamp to [0,1]); last iterate.
 
     Drives FGSM (one step of eps), PGD_SAT, PGD_TRADES, PGD-20, FGSM^k (loss 'ce', CE_mean) and CW-inf
     (loss 'cw', summed)."""
@@ -302,11 +337,13 @@ def pgd(model, x, y, eps, steps, step, start="uniform-clamp", loss="ce", kappa=5
     return x_adv.detach()
 
 
-def run_attack(attack_model, score_models, x, y, eps, params, bs, device, name, seed, quiet=False, deterministic=True):
+def run_attack(attack_model, score_models, x, y, eps, params, bs, device, name, seed, quiet=False, deterministic=True,
+               stats=None):
     """Craft `params` (a WHITEBOX entry) on `attack_model` in batches; score on every model of `score_models`.
 
     Returns, per scoring model, a bool tensor: final iterate classified correctly. The random stream
-    restarts from `seed` for every attack, so an attack's result does not depend on the others run."""
+    restarts from `seed` for every attack, so an attack's result does not depend on the others run.
+    A `stats` dict receives the largest L-inf perturbation over all points (`max_linf`)."""
     torch.manual_seed(seed)
     correct = [torch.zeros(len(y), dtype=torch.bool) for _ in score_models]
     bar = Progress(name, len(y), quiet)
@@ -315,6 +352,8 @@ def run_attack(attack_model, score_models, x, y, eps, params, bs, device, name, 
         check_frozen(attack_model, name)
         x_adv = pgd(attack_model, xb, yb, eps, params["steps"], params["step"], params["start"], params["loss"],
                     params.get("kappa", 50.0))
+        if stats is not None:
+            stats["max_linf"] = max(stats.get("max_linf", 0.0), (x_adv - xb).abs().max().item())
         for c, m in zip(correct, score_models):
             c[lo:lo + bs] = (checked_predict(m, x_adv, xb, eps, name, deterministic) == yb).cpu()
         bar.update(min(lo + bs, len(y)))
@@ -895,18 +934,43 @@ class Quantized(nn.Module):
 # Main: load, evaluate, print the table, write the JSON (§9)
 # ======================================================================================
 
+CLASS_NAMES = {"cifar10": ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"),
+               "svhn": tuple(str(d) for d in range(10))}
+
+
+def class_stats(correct, y, num_classes):
+    """Per-class accuracy of per-point flags (§9): points and correct points per class, accuracies, the
+    worst and best class and the spread (best - worst). A class without evaluated points has accuracy
+    None and is left out of worst, best and spread; ties go to the lower class index."""
+    n = torch.bincount(y, minlength=num_classes)
+    k = torch.bincount(y[correct], minlength=num_classes)
+    acc = [k[c].item() / n[c].item() if n[c] else None for c in range(num_classes)]
+    present = [c for c in range(num_classes) if n[c]]
+    worst = min(present, key=lambda c: (acc[c], c))
+    best = min(present, key=lambda c: (-acc[c], c))
+    return {"n": n.tolist(), "n_correct": k.tolist(), "acc": acc, "worst_class": worst, "worst_acc": acc[worst],
+            "best_class": best, "best_acc": acc[best], "spread": acc[best] - acc[worst]}
+
+
 def accuracy_record(correct, clean_correct, clean_acc, params, seconds):
     acc = correct.float().mean().item()
     return {"params": params, "acc": acc, "acc_and_clean": (correct & clean_correct).float().mean().item(),
             "n_correct": int(correct.sum()), "w_robust": w_robust(clean_acc, acc), "seconds": round(seconds, 3)}
 
 
-def table_row(name, acc, acc_and_clean=None, wr=None, seconds=None):
+TABLE_HEADER = f"{'attack':<24} {'acc':>8} {'acc&clean':>10} {'W-Robust':>9} {'seconds':>9} {'spread':>7} worst class"
+
+
+def table_row(name, acc, acc_and_clean=None, wr=None, seconds=None, per_class=None, names=None):
     cells = [f"{name:<24}", f"{100 * acc:>8.2f}"]
     cells.append(f"{100 * acc_and_clean:>10.2f}" if acc_and_clean is not None else " " * 10)
     cells.append(f"{100 * wr:>9.2f}" if wr is not None else " " * 9)
-    cells.append(f"{seconds:>9.1f}" if seconds is not None else "")
-    return " ".join(cells)
+    cells.append(f"{seconds:>9.1f}" if seconds is not None else " " * 9)
+    if per_class is not None:
+        worst = per_class["worst_class"]
+        label = f"{worst} {names[worst]}" if names and names[worst] != str(worst) else str(worst)
+        cells.append(f"{100 * per_class['spread']:>7.2f} {100 * per_class['worst_acc']:.2f} ({label})")
+    return " ".join(cells).rstrip()
 
 
 def shortcut(value):
@@ -959,7 +1023,8 @@ def eval_clean(ctx):
         correct[lo:lo + bs] = (checked_predict(ctx.model, xb, xb, ctx.eps, "clean", ctx.exact)
                                == ctx.y[lo:lo + bs].to(ctx.device)).cpu()
     ctx.clean_correct, ctx.clean = correct, correct.float().mean().item()
-    ctx.rows.append(table_row("clean", ctx.clean, seconds=time.perf_counter() - start))
+    per_class = ctx.per_class(correct, "clean")
+    ctx.rows.append(ctx.row("clean", ctx.clean, seconds=time.perf_counter() - start, per_class=per_class))
     ctx.say(f"clean accuracy {100 * ctx.clean:.2f}%")
     return {"acc": ctx.clean, "n_correct": int(correct.sum()), "n": len(ctx.y)}
 
@@ -972,8 +1037,8 @@ def eval_whitebox(ctx, attacks):
         correct, = run_attack(ctx.model, [ctx.model], ctx.x, ctx.y, ctx.eps, params, ctx.args.bs, ctx.device, name,
                               ctx.args.seed, ctx.args.quiet, ctx.exact)
         res[name] = accuracy_record(correct, ctx.clean_correct, ctx.clean, params, time.perf_counter() - start)
-        ctx.rows.append(table_row(name, res[name]["acc"], res[name]["acc_and_clean"], res[name]["w_robust"],
-                                  res[name]["seconds"]))
+        ctx.rows.append(ctx.row(name, res[name]["acc"], res[name]["acc_and_clean"], res[name]["w_robust"],
+                                res[name]["seconds"], ctx.per_class(correct, name)))
         ctx.say(f"{name}: {100 * res[name]['acc']:.2f}%")
     return res
 
@@ -996,7 +1061,8 @@ def eval_transfer(ctx, attacks):
                      "n_correct": int(correct.sum()), "source_acc": src_correct.float().mean().item(),
                      "clean_acc": ctx.clean, "w_robust": w_robust(ctx.clean, acc),
                      "seconds": round(time.perf_counter() - start, 3)}
-        ctx.rows.append(table_row(f"transfer {name}", acc, None, res[name]["w_robust"], res[name]["seconds"]))
+        ctx.rows.append(ctx.row(f"transfer {name}", acc, None, res[name]["w_robust"], res[name]["seconds"],
+                                ctx.per_class(correct, f"transfer.{name}")))
     return res
 
 
@@ -1013,7 +1079,8 @@ def eval_square_bb(ctx):
            "w_robust": w_robust(ctx.clean, acc),
            "median_queries": r["square_queries"][broken].median().item() if broken.any() else None,
            "seconds": round(time.perf_counter() - start, 3)}
-    ctx.rows.append(table_row(f"square-bb ({args.square_queries} q)", acc, None, res["w_robust"], res["seconds"]))
+    ctx.rows.append(ctx.row(f"square-bb ({args.square_queries} q)", acc, None, res["w_robust"], res["seconds"],
+                            ctx.per_class(r["robust"], "square_bb")))
     return res
 
 
@@ -1031,7 +1098,8 @@ def eval_quant(ctx, attacks, grid):
     def record(b, mode, name, correct, seconds):
         acc = correct.float().mean().item()
         res[str(b)][mode][name] = {"acc": acc, "clean_acc": clean[b], "w_robust": w_robust(clean[b], acc)}
-        ctx.rows.append(table_row(f"Q{b} {mode} {name}", acc, None, w_robust(clean[b], acc), seconds))
+        ctx.rows.append(ctx.row(f"Q{b} {mode} {name}", acc, None, w_robust(clean[b], acc), seconds,
+                                ctx.per_class(correct, f"quant.{b}.{mode}.{name}")))
 
     for name, params in attacks.items():  # crafted once on f, scored under every b
         start = time.perf_counter()
@@ -1064,8 +1132,8 @@ def eval_aa(ctx, version):
             reevaluate(ctx.model, ctx.x, ctx.y, r, ctx.eps, args.aa_bs, ctx.device, f"AA {name}")
             ctx.warnings += r["warnings"]
             res[name] = {"acc": r["cumulative"][name], "seconds": round(time.perf_counter() - start, 3)}
-            ctx.rows.append(table_row(f"AA {name} (alone)", res[name]["acc"], None, w_robust(ctx.clean, res[name]["acc"]),
-                                      res[name]["seconds"]))
+            ctx.rows.append(ctx.row(f"AA {name} (alone)", res[name]["acc"], None, w_robust(ctx.clean, res[name]["acc"]),
+                                    res[name]["seconds"], ctx.per_class(r["robust"], f"{key}.{name}")))
         return {key: res}
     start = time.perf_counter()
     r = autoattack(ctx.model, ctx.x, ctx.y, ctx.eps, version=version, bs=args.aa_bs, seed=args.aa_seed,
@@ -1084,14 +1152,85 @@ def eval_aa(ctx, version):
         params["fab"] = {"alpha_max": 0.1, "eta": 1.05, "beta": 0.9}
     if "square" in params["attacks"]:
         params["square"] = {"n_queries": 5000, "p_init": 0.8, "loss": "margin", "resc_schedule": False}
+    per_class = ctx.per_class(r["robust"], key)
     for name in ["clean"] + AA_VERSIONS[version]:
         ctx.rows.append(table_row(f"  {key}: {name}", r["cumulative"][name], None, None, r["seconds"].get(name)))
-    ctx.rows.append(table_row(key, acc, acc, w_robust(ctx.clean, acc), seconds))
+    ctx.rows.append(ctx.row(key, acc, acc, w_robust(ctx.clean, acc), seconds, per_class))
     return {key: {"version": version, "params": params, "eps": ctx.eps, "bs": args.aa_bs, "seed": args.aa_seed,
                   "cumulative": r["cumulative"], "acc": acc, "n_correct": int(r["robust"].sum()),
                   "w_robust": w_robust(ctx.clean, acc), **stats,
                   "seconds": {**{k: round(v, 3) for k, v in r["seconds"].items()}, "total": round(seconds, 3)},
                   "warnings": r["warnings"], "robust_flags": r["robust"].int().tolist()}}
+
+
+def eval_sweep(ctx, sweep):
+    """Robust accuracy against eps for one attack (§9 eps_sweep). Each point runs the attack at its own
+    radius, seeded as every attack; `max_linf` is the largest perturbation it produced (at most eps)."""
+    args, name, points = ctx.args, sweep["attack"], []
+    for eps_str, eps, params in sweep["points"]:
+        start, stats = time.perf_counter(), {}
+        if params is None:  # autoattack
+            r = autoattack(ctx.model, ctx.x, ctx.y, eps, version=sweep["aa_version"], bs=args.aa_bs, seed=args.aa_seed,
+                           device=ctx.device, quiet=args.quiet, checks=False)
+            stats = reevaluate(ctx.model, ctx.x, ctx.y, r, eps, args.aa_bs, ctx.device, f"sweep AA @ {eps_str}",
+                               ctx.exact)
+            correct, params = r["robust"], {"version": sweep["aa_version"], "bs": args.aa_bs, "seed": args.aa_seed}
+        else:
+            correct, = run_attack(ctx.model, [ctx.model], ctx.x, ctx.y, eps, params, args.bs, ctx.device,
+                                  f"sweep {name} @ {eps_str}", args.seed, args.quiet, ctx.exact, stats)
+        rec = accuracy_record(correct, ctx.clean_correct, ctx.clean, params, time.perf_counter() - start)
+        rec["per_class"] = class_stats(correct, ctx.y, ctx.num_classes)
+        points.append({"eps": eps, "eps_str": eps_str, **rec, "max_linf": stats.get("max_linf", 0.0)})
+        ctx.rows.append(ctx.row(f"{name} @ eps {eps_str}", rec["acc"], rec["acc_and_clean"], rec["w_robust"],
+                                rec["seconds"], rec["per_class"]))
+        ctx.say(f"sweep {name} @ {eps_str}: {100 * rec['acc']:.2f}%")
+    return {"attack": name, "eps": [p["eps"] for p in points], "acc": [p["acc"] for p in points], "points": points}
+
+
+TEACHER_FLAGS = ("teacher", "teacher_st", "adv_teacher", "nat_teacher")
+
+
+def _read_suite_checkpoint(path):
+    """The checkpoint dict without reading its tensors into memory (mmap), or None if it is not one."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - legacy or foreign format: not a suite checkpoint
+        return None
+    return obj if isinstance(obj, dict) and isinstance(obj.get("arch"), str) else None
+
+
+def training_record(path, info):
+    """For a suite checkpoint (§9 `training`): its kind (best/last), epoch, selection, the script that
+    wrote it with every flag it ran with, and what its teacher files say they are when they can still be
+    found (script, recipe, arch; `same_file` compares the sha256 the run recorded). None for other files."""
+    if not info["suite"]:
+        return None
+    ck = _read_suite_checkpoint(path) or common.load_checkpoint(path)
+    saved = ck.get("args") or {}
+    flags = {k: v for k, v in saved.items() if k not in ("env", "resumes")}
+    rec = {"script": saved.get("script"), "kind": ck.get("kind"), "epoch": ck.get("epoch"), "select": ck.get("select"),
+           "args": flags, "teachers": {}}
+    # a relative teacher path is relative to the training's folder: runs_dir's parent, when runs_dir was relative
+    run_dir, runs_dir = Path(path).resolve().parent, Path(str(saved.get("runs_dir", ".")))
+    relative = not runs_dir.is_absolute() and ".." not in runs_dir.parts and len(runs_dir.parts) < len(run_dir.parents)
+    base = run_dir.parents[len(runs_dir.parts)] if relative else None
+    for key in TEACHER_FLAGS:
+        value = saved.get(key)
+        if not isinstance(value, str):
+            continue
+        found = next((c for c in (Path(value), base / value if base else None) if c is not None and c.is_file()), None)
+        entry = {"path": value, "found": found is not None}
+        if found is not None:
+            teacher = _read_suite_checkpoint(found)
+            entry["suite"] = teacher is not None
+            if saved.get(f"{key}_sha256"):
+                entry["same_file"] = common.file_sha256(found) == saved[f"{key}_sha256"]
+            if teacher is not None:
+                targs = teacher.get("args") or {}
+                entry.update(script=targs.get("script"), recipe=targs.get("recipe"), arch=teacher["arch"],
+                             dataset=teacher.get("dataset"), kind=teacher.get("kind"), epoch=teacher.get("epoch"))
+        rec["teachers"][key] = entry
+    return rec
 
 
 def main(argv=None):
@@ -1105,6 +1244,7 @@ def main(argv=None):
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32  # fp32 unless --tf32 (§1)
     if args.deterministic:
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+        torch.use_deterministic_algorithms(True, warn_only=True)
     grid = parse_grid(args)
     resolve_protocol(args, args.dataset)  # bad attack names or eps fail before a large checkpoint loads
     if args.transfer_from:
@@ -1113,9 +1253,17 @@ def main(argv=None):
     proto = resolve_protocol(args, dataset)
     json_path = output_path(args, proto["preset"])
     x_u8, y = common.load_split(dataset, args.data_dir, train=False, subset=args.n_ex)
+    names, per_class = CLASS_NAMES.get(dataset), {}
+
+    def record_classes(correct, key):
+        per_class[key] = class_stats(correct, y, info["num_classes"])
+        return per_class[key]
+
     ctx = argparse.Namespace(
         args=args, model=model, x=x_u8.float().div(255), y=y, eps=proto["eps"], device=device,
         num_classes=info["num_classes"], exact=proto["aa"] != "rand", rows=[], warnings=[],
+        per_class=record_classes,
+        row=lambda *a, **k: table_row(*a, **k, names=names),
         say=(lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr, flush=True)))
     ctx.say(f"{info['arch']} on {dataset} test[:{len(y)}], preset {proto['preset']}, eps {proto['eps_str']}, "
             f"device {device}")
@@ -1124,7 +1272,8 @@ def main(argv=None):
            "arch": info["arch"], "arch_kwargs": info["arch_kwargs"], "dataset": dataset,
            "num_classes": info["num_classes"], "norm": info["norm"], "loader": info,
            "preset": proto["preset"], "eps": ctx.eps, "eps_str": proto["eps_str"], "n_ex": len(y), "bs": args.bs,
-           "overrides": proto["overrides"],
+           "overrides": proto["overrides"], "training": training_record(args.checkpoint, info),
+           "class_names": list(names) if names else None,
            "env": {**common.environment(), "numpy": np.__version__, "device": str(device),
                    "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                    "tf32": args.tf32, "cudnn_deterministic": bool(torch.backends.cudnn.deterministic),
@@ -1140,9 +1289,12 @@ def main(argv=None):
     if proto["aa"] != "off":
         attacks.update(eval_aa(ctx, proto["aa"]))
     out["attacks"] = attacks
+    out["per_class"] = per_class
+    if proto["sweep"]:
+        out["eps_sweep"] = eval_sweep(ctx, proto["sweep"])
     out["warnings"] = list(dict.fromkeys(ctx.warnings))  # each distinct warning once
 
-    print(f"{'attack':<24} {'acc':>8} {'acc&clean':>10} {'W-Robust':>9} {'seconds':>9}")
+    print(TABLE_HEADER)
     print("\n".join(ctx.rows))
     for w in out["warnings"]:
         print(f"warning: {w}")

@@ -101,7 +101,7 @@ def test_resume_accepts_a_moved_data_dir_and_teacher_but_not_another_teacher(fin
 
 def test_resume_help_lists_the_flags_that_may_change(capsys):
     entry = "".join(help_options(rslad, capsys)["--resume"].split())  # argparse may wrap inside a flag name
-    assert "only--compile,--compile-mode,--data-dir,--device,--epochs,--progress-every,--runs-dir,--teacher,--unsafe-loadmaybegivenagain" in entry
+    assert "only--compile,--compile-mode,--data-dir,--device,--epochs,--progress-every,--runs-dir,--teacher,--tensorboard,--unsafe-loadmaybegivenagain" in entry
 
 
 # ---------------------------------------------------------------------------------------------
@@ -422,3 +422,19 @@ def test_rslad_headline_loss_has_no_ablation_branch():
     terms = rslad.train_step(student, teacher, opt, torch.rand(4, 3, 32, 32), torch.arange(4), args)
     assert set(terms) == {"loss", "kl_adv"}  # the Table 6 loss, from its own function
 
+
+
+def test_tensorboard_flag(cifar_dir, teacher_ckpt, tmp_path, capsys):
+    argv = ["--teacher", str(teacher_ckpt), *TINY, "--epochs", "1", "--data-dir", str(cifar_dir),
+            "--runs-dir", str(tmp_path / "runs"), "--tensorboard"]
+    try:
+        import torch.utils.tensorboard  # noqa: F401
+    except ImportError:  # not installed: one line naming the package, before any folder exists
+        with pytest.raises(SystemExit) as e:
+            rslad.main(argv)
+        assert e.value.code == 2 and "pip install tensorboard" in capsys.readouterr().err
+        assert not (tmp_path / "runs").exists()
+        return
+    rslad.main(argv)
+    (run,) = (tmp_path / "runs").iterdir()
+    assert list(run.glob("events.out.tfevents.*"))

@@ -1,8 +1,9 @@
-"""Unit and smoke tests of eval_attacks.py (shared/spec/eval_attacks.md §10.4).
+"""Unit and smoke tests of eval_attacks.py (docs/eval_attacks.md §10.4).
 
 Parity with the official AutoAttack lives in tests/test_autoattack_parity.py.
 """
 
+import argparse
 import importlib
 import json
 import os
@@ -296,3 +297,140 @@ def test_cli_smoke_writes_json(cifar_dir, tmp_path):
     q = j["attacks"]["quant"]
     assert q["selected_b"] in (4, 8) and set(q["4"]) == {"nonadaptive", "bpda"}
     assert set(q["8"]["bpda"]["fgsm20"]) == {"acc", "clean_acc", "w_robust"}
+
+
+# ---- per-class accuracy, eps sweep, training record (§9) ----------------------------------------------------
+
+def picker(num_classes, weights=None):
+    """A linear model whose prediction for x is the argmax of its first `num_classes` pixels."""
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, num_classes)).eval()
+    with torch.no_grad():
+        model[1].weight.zero_()
+        model[1].weight[:, :num_classes] = torch.eye(num_classes) if weights is None else weights
+        model[1].bias.zero_()
+    return model.requires_grad_(False)
+
+
+def test_per_class_counts_by_hand():
+    """12 points over 4 classes (class 3 has none): predictions set through the first four pixels."""
+    pred = torch.tensor([0, 0, 1, 2, 0, 1, 1, 2, 2, 0, 1, 1])
+    y = torch.tensor([0, 0, 0, 2, 1, 1, 1, 2, 2, 2, 0, 1])
+    x = torch.zeros(12, 3, 32, 32)
+    x.view(12, -1)[torch.arange(12), pred] = 1.0
+    correct = ea.predict(picker(4), x) == y
+    # by hand: class 0 holds points 0, 1, 2, 10 (correct 0, 1); class 1 points 4, 5, 6, 11 (correct 5, 6, 11);
+    # class 2 points 3, 7, 8, 9 (correct 3, 7, 8); class 3 none
+    s = ea.class_stats(correct, y, 4)
+    assert s["n"] == [4, 4, 4, 0] and s["n_correct"] == [2, 3, 3, 0]
+    assert s["acc"] == [0.5, 0.75, 0.75, None]
+    assert (s["worst_class"], s["worst_acc"], s["best_class"], s["best_acc"], s["spread"]) == (0, 0.5, 1, 0.75, 0.25)
+    row = ea.table_row("clean", correct.float().mean().item(), per_class=s, names=ea.CLASS_NAMES["cifar10"])
+    assert row.endswith("25.00 50.00 (0 airplane)") and ea.TABLE_HEADER.endswith("spread worst class")
+
+
+def test_eps_sweep_resolves_each_radius():
+    args = ea.parse_args(["c.pt", "--eps-sweep", "2/255, 4/255,8/255,16/255"])
+    sweep = ea.resolve_protocol(args, "cifar10")["sweep"]
+    assert sweep["attack"] == "pgd_sat"  # the preset's first PGD attack
+    assert [(t, e) for t, e, _ in sweep["points"]] == [(t, int(t.split("/")[0]) / 255)
+                                                       for t in ("2/255", "4/255", "8/255", "16/255")]
+    assert all(p == ea.WHITEBOX["pgd_sat"] for _, _, p in sweep["points"])  # step 2/255 and 20 steps at every eps
+    fgsm = ea.resolve_protocol(ea.parse_args(["c.pt", "--eps-sweep", "2/255,16/255", "--sweep-attack", "fgsm"]),
+                               "cifar10")["sweep"]
+    assert [p["step"] for _, _, p in fgsm["points"]] == [2 / 255, 16 / 255]  # FGSM's step is the radius
+    for preset, name in (("iad", "pgd20"), ("ardir", "pgd20"), ("adt", "fgsm20")):
+        p = ea.resolve_protocol(ea.parse_args(["c.pt", "--preset", preset, "--eps-sweep", "0.01"]), "cifar10")
+        assert p["sweep"]["attack"] == name and "eps_sweep" not in p["overrides"]
+    assert ea.resolve_protocol(ea.parse_args(["c.pt"]), "cifar10")["sweep"] is None
+    for bad in (["--eps-sweep", "0,8/255"], ["--eps-sweep", "2"], ["--eps-sweep", "x"], ["--sweep-attack", "pgd20"],
+                ["--eps-sweep", "8/255", "--sweep-attack", "nope"]):
+        with pytest.raises(SystemExit) as e:
+            ea.resolve_protocol(ea.parse_args(["c.pt", *bad]), "cifar10")
+        assert e.value.code == 2
+
+
+def test_eps_sweep_reaches_the_attack(monkeypatch):
+    """A two-class linear model: the CE gradient's sign is the same everywhere, so PGD drives every pixel
+    to the boundary of its ball; the perturbation each point of the sweep produces must be exactly its eps."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(2, 3 * 32 * 32, generator=g)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 2)).eval()
+    with torch.no_grad():
+        model[1].weight.copy_(w * 1e-3)
+        model[1].bias.zero_()
+    model.requires_grad_(False)
+    x = 0.3 + 0.4 * torch.rand(6, 3, 32, 32, generator=g)  # far from 0 and 1: no clamp binds
+    y = ea.predict(model, x)
+    args = ea.parse_args(["c.pt", "--eps-sweep", "2/255,4/255,8/255,16/255", "--bs", "4", "--quiet"])
+    sweep = ea.resolve_protocol(args, "cifar10")["sweep"]
+    seen, real = [], ea.pgd
+    monkeypatch.setattr(ea, "pgd", lambda m, xb, yb, eps, *a, **k: seen.append((eps, xb, real(m, xb, yb, eps, *a, **k)))
+                        or seen[-1][2])
+    ctx = argparse.Namespace(args=args, model=model, x=x, y=y, device="cpu", exact=True, clean_correct=y == y,
+                             clean=1.0, num_classes=2, rows=[], row=ea.table_row, say=lambda *a: None)
+    res = ea.eval_sweep(ctx, sweep)
+    assert [e for e, _, _ in seen] == [e for _, e, _ in sweep["points"] for _ in range(2)]  # two batches per eps
+    for eps, xb, x_adv in seen:
+        delta = (x_adv - xb).abs()
+        assert delta.min() >= eps - 1e-6 and delta.max() <= eps + 1e-6  # saturated: every pixel at eps
+    assert [p["max_linf"] for p in res["points"]] == pytest.approx(res["eps"], abs=1e-6)
+    assert res["eps"] == [2 / 255, 4 / 255, 8 / 255, 16 / 255] and res["acc"] == sorted(res["acc"], reverse=True)
+    assert all(sum(p["per_class"]["n_correct"]) == p["n_correct"] for p in res["points"])
+    assert len(ctx.rows) == 4 and ctx.rows[0].startswith("pgd_sat @ eps 2/255")
+
+
+def test_eps_sweep_with_autoattack(model, data):
+    x, y = data
+    args = ea.parse_args(["c.pt", "--aa", "fast", "--aa-bs", "4", "--eps-sweep", "1/255,3/255", "--sweep-attack",
+                          "autoattack", "--quiet"])
+    sweep = ea.resolve_protocol(args, "cifar10")["sweep"]
+    assert sweep["aa_version"] == "fast" and all(p is None for _, _, p in sweep["points"])
+    ctx = argparse.Namespace(args=args, model=model, x=x, y=y, device="cpu", exact=True, clean_correct=y == y,
+                             clean=1.0, num_classes=10, rows=[], row=ea.table_row, say=lambda *a: None)
+    res = ea.eval_sweep(ctx, sweep)
+    for p, eps in zip(res["points"], (1 / 255, 3 / 255)):
+        assert p["eps"] == eps and 0 < p["max_linf"] <= eps + 1e-6 and p["params"]["version"] == "fast"
+    assert res["acc"][0] >= res["acc"][1]
+
+
+def test_cli_records_per_class_sweep_and_training(cifar_dir, tmp_path):
+    """A suite checkpoint trained (on paper) in tmp/train with a relative teacher path: the JSON says which
+    script and flags made it and what its teacher file is; per-class counts agree with the per-point flags."""
+    import common
+    train = tmp_path / "train"
+    (train / "runs" / "iad__x").mkdir(parents=True)
+    torch.manual_seed(0)
+    teacher = train / "teacher.pt"
+    common.save_checkpoint(teacher, common.checkpoint_dict(common.build_model("cnn_small"), kind="best", epoch=3,
+                           dataset="cifar10", args={"script": "train_teacher", "recipe": "sat-iad"}))
+    args = {"script": "iad", "variant": "iad1", "teacher": "teacher.pt", "teacher_sha256": common.file_sha256(teacher),
+            "runs_dir": "runs", "dataset": "cifar10", "env": {"host": "x"}}
+    ckpt = train / "runs" / "iad__x" / "best.pt"
+    common.save_checkpoint(ckpt, common.checkpoint_dict(common.build_model("cnn_small").eval(), kind="best", epoch=7,
+                           dataset="cifar10", args=args))
+    out = tmp_path / "eval.json"
+    run = subprocess.run([sys.executable, str(REPO / "eval_attacks.py"), str(ckpt), "--data-dir", str(cifar_dir),
+                          "--device", "cpu", "--n-ex", "24", "--bs", "12", "--attacks", "fgsm", "--aa", "fast",
+                          "--aa-bs", "24", "--eps-sweep", "2/255,8/255", "--json", str(out), "--quiet"],
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr
+    assert "worst class" in run.stdout and "pgd_sat @ eps 8/255" in run.stdout
+    j = json.loads(out.read_text())
+    t = j["training"]
+    assert (t["script"], t["kind"], t["epoch"], t["args"]["variant"]) == ("iad", "best", 7, "iad1")
+    assert "env" not in t["args"]
+    assert t["teachers"]["teacher"] == {"path": "teacher.pt", "found": True, "suite": True, "same_file": True,
+                                        "script": "train_teacher", "recipe": "sat-iad", "arch": "cnn_small",
+                                        "dataset": "cifar10", "kind": "best", "epoch": 3}
+    _, y = common.load_split("cifar10", cifar_dir, train=False, subset=24, download=False)
+    flags = torch.tensor(j["attacks"]["aa_fast"]["robust_flags"], dtype=torch.bool)
+    assert j["per_class"]["aa_fast"] == ea.class_stats(flags, y, 10)
+    assert list(j["per_class"]) == ["clean", "fgsm", "aa_fast"] and j["class_names"][3] == "cat"
+    for key, rec in (("clean", j["clean"]), ("fgsm", j["attacks"]["fgsm"])):
+        assert j["per_class"][key]["n"] == torch.bincount(y, minlength=10).tolist()
+        assert sum(j["per_class"][key]["n_correct"]) == rec["n_correct"]
+    sweep = j["eps_sweep"]
+    assert sweep["attack"] == "pgd_sat" and sweep["eps"] == [2 / 255, 8 / 255]
+    for p in sweep["points"]:
+        assert p["params"]["step"] == 2 / 255 and p["max_linf"] == pytest.approx(p["eps"], abs=1e-6)
