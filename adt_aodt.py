@@ -252,7 +252,7 @@ def loss_fn(logits_adv, logits_nat, logits_teacher, y, args):
 def train_step(student, teacher, optimizer, x_nat, y, args):
     """One batch (ADT Algorithm 1): the attack on M^r, then M^n(x), then the ledger M^r(x') [, M^r(x)].
     `teacher` is M^n: ADT's frozen ensemble (no gradient) or AODT's peer (train mode, trained by `optimizer`)."""
-    x_adv = inner_max(student, x_nat, y, args)
+    x_adv = inner_max(common.local(student), x_nat, y, args)
     with common.autocast(args.amp, x_nat.device):
         if args.method == "adt":
             with torch.no_grad():
@@ -318,8 +318,8 @@ def load_teachers(args, device):
         digest = common.file_sha256(path)
         if saved is not None and digest != saved[i]:
             common.fail(f"--teacher {path} is not the file the run started with (sha256 {digest[:12]}… vs {saved[i][:12]}…)")
-        print(f"teacher {i}: {path} -> {info['arch']} {info['arch_kwargs'] or ''} norm {common.norm_name(info['norm'])}"
-              f" (container {info['container']}, stripped {info['prefixes'] or 'nothing'})", flush=True)
+        common.say(f"teacher {i}: {path} -> {info['arch']} {info['arch_kwargs'] or ''} norm {common.norm_name(info['norm'])}"
+                   f" (container {info['container']}, stripped {info['prefixes'] or 'nothing'})")
         members.append(common.prepare_model(common.freeze(model), args, device))
         archs.append(info["arch"])
         norms.append(common.norm_name(info["norm"]))
@@ -344,13 +344,13 @@ def main(argv=None):
     peer = members = None
     if args.method == "adt":
         teacher, members = load_teachers(args, device)
-    student = common.prepare_model(common.build_model(args.arch, num_classes), args, device)
+    student = common.prepare_student(common.build_model(args.arch, num_classes), args, device)
     params = list(student.parameters())
     if args.method == "aodt":  # D-ADT-6: random init, no normalisation
-        peer = teacher = common.prepare_model(common.build_model(args.peer_arch, num_classes, None), args, device)
+        peer = teacher = common.prepare_student(common.build_model(args.peer_arch, num_classes, None), args, device)
         params += list(peer.parameters())
     # D-ADT-3: one SGD over M^r and the peer, same lr, schedule, momentum and weight decay
-    optimizer = torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.wd)
+    optimizer = common.sgd(params, args.lr, args.momentum, args.wd)
     cfg = common.monitor_config(args.monitor, args.dataset)
     start = run.begin(student, optimizer, peer=peer)
     if not run.resumed and args.method == "adt":
@@ -367,7 +367,7 @@ def main(argv=None):
             m.train()
         totals, n_seen = {}, 0
         with common.EpochTimer(device) as timer:
-            for x_nat, y in train_data:
+            for x_nat, y in run.batches(train_data, epoch):
                 terms = train_step(student, teacher, optimizer, x_nat, y, args)
                 for k, v in terms.items():
                     totals[k] = totals.get(k, 0) + v.detach() * len(y)
@@ -381,8 +381,8 @@ def main(argv=None):
                 metrics["peer_clean"] = common.monitor(peer, test_data, None)["clean"]
             value = m["robust"]
         run.end_epoch(epoch, metrics, student, optimizer, value=value, images=n_seen, seconds=timer.seconds, peer=peer)
-    print(f"reported checkpoint (D-ADT-8): {run.dir / (args.report + '.pt')}; evaluate it with "
-          f"python eval_attacks.py {run.dir / (args.report + '.pt')} --preset adt", flush=True)
+    common.say(f"reported checkpoint (D-ADT-8): {run.dir / (args.report + '.pt')}; evaluate it with "
+               f"python eval_attacks.py {run.dir / (args.report + '.pt')} --preset adt")
 
 
 if __name__ == "__main__":

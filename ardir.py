@@ -239,7 +239,7 @@ def loss_fn(logits_adv, feats_adv, logits_teacher, feats_teacher, y, args):
 def train_step(student, teacher, optimizer, x_nat, y, args):
     """One batch (ARDIR Algorithm 1): the student's attack, the teacher's input ẋ, then the ledger
     S(x') (logits and stages from one pass), T(ẋ), S(x)."""
-    x_adv = inner_max(student, x_nat, y, args)
+    x_adv = inner_max(common.local(student), x_nat, y, args)
     x_teacher = teacher_inner_max(teacher, x_nat, y, args) if args.combo == "RA" else x_nat  # ẋ
     with common.autocast(args.amp, x_nat.device):
         # D-ARDIR-9: the student's features in the IR term come from x' (Eq. 6), the same pass as its logits
@@ -309,9 +309,9 @@ def main(argv=None):
     train_data = common.train_loader(args, args.batch_size, device=device)  # D-ARDIR-8: SVHN cropped, not flipped
     test_data = common.test_loader(args, device=device)
     teacher, _ = common.load_teacher(args, device, "preact_resnet18")
-    student = common.prepare_model(common.build_model(args.arch, num_classes), args, device)
+    student = common.prepare_student(common.build_model(args.arch, num_classes), args, device)
     check_ir_layers(student, teacher, args, device)
-    optimizer = torch.optim.SGD(student.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.wd)
+    optimizer = common.sgd(student.parameters(), args.lr, args.momentum, args.wd)
     cfg = common.monitor_config(args.monitor, args.dataset)
     start = run.begin(student, optimizer)
     if not run.resumed:
@@ -323,7 +323,7 @@ def main(argv=None):
         student.train()
         totals, n_seen = {}, 0
         with common.EpochTimer(device) as timer:
-            for x_nat, y in train_data:
+            for x_nat, y in run.batches(train_data, epoch):
                 terms = train_step(student, teacher, optimizer, x_nat, y, args)
                 for k, v in terms.items():
                     totals[k] = totals.get(k, 0) + v.detach() * len(y)

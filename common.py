@@ -46,7 +46,8 @@ def fail(msg, status=2):
 def parse_float(text):
     """'8/255', '0.031' or '2e-4' -> a finite float; for argparse `type=`."""
     try:
-        value = float(Fraction(str(text).strip())) if "/" in str(text) else float(text)
+        num, sep, den = str(text).strip().partition("/")
+        value = (float(Fraction(num) / Fraction(den)) if sep else float(text))  # '8/255', '0.5/255'
     except (ValueError, ZeroDivisionError):
         raise argparse.ArgumentTypeError(f"not a number or fraction: {text!r}") from None
     if not math.isfinite(value):
@@ -839,7 +840,7 @@ def stage_outputs(model, x, names=None):
     """One forward of `model` on x; returns ([output of each module in `names`], logits).
 
     `names` defaults to model.stage_names; any module path works (e.g. 'conv1')."""
-    root = getattr(model, "_orig_mod", model)  # torch.compile wrapper
+    root = unwrap_model(model)  # hooks on the module itself, under a torch.compile or DDP wrapper
     names = tuple(root.stage_names if names is None else names)
     feats, hooks = {}, []
     try:
@@ -1119,8 +1120,8 @@ def load_teacher(args, device, default_arch, prefix="teacher"):
     setattr(args, f"{prefix}_arch", info["arch"])
     setattr(args, f"{prefix}_norm", norm_name(info["norm"]))
     setattr(args, f"{prefix}_sha256", digest)
-    print(f"{prefix}: {info['path']} -> {info['arch']} {info['arch_kwargs'] or ''} norm {norm_name(info['norm'])}"
-          f" (container {info['container']}, stripped {info['prefixes'] or 'nothing'})", flush=True)
+    say(f"{prefix}: {info['path']} -> {info['arch']} {info['arch_kwargs'] or ''} norm {norm_name(info['norm'])}"
+        f" (container {info['container']}, stripped {info['prefixes'] or 'nothing'})")
     model = freeze(model)
     return prepare_model(model, args, device), info
 
@@ -1179,18 +1180,23 @@ def setup_device(args):
     name = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         fail(f"--device {name} asked for, but CUDA is not available; use --device cpu")
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size > 1 and not dist.is_initialized():
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        if name.startswith("cuda"):
-            name = f"cuda:{local_rank}"
-            torch.cuda.set_device(name)
-        dist.init_process_group("nccl" if name.startswith("cuda") else "gloo")
-        atexit.register(_leave_process_group)
+    name = join_process_group(name)
     tf32 = not args.no_tf32
     torch.backends.cuda.matmul.allow_tf32 = tf32
     torch.backends.cudnn.allow_tf32 = tf32
     return torch.device(name)
+
+
+def join_process_group(name):
+    """Under torchrun (WORLD_SIZE > 1): join the process group, NCCL for CUDA and gloo for CPU, and take
+    the GPU of LOCAL_RANK. Returns the device name to use."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        if name.startswith("cuda"):
+            name = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+            torch.cuda.set_device(name)
+        dist.init_process_group("nccl" if name.startswith("cuda") else "gloo")
+        atexit.register(_leave_process_group)
+    return name
 
 
 def _leave_process_group():

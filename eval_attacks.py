@@ -244,7 +244,7 @@ class Progress:
 
     def update(self, done, note=""):
         now = time.perf_counter()
-        if self.quiet or now - self.last < self.every:  # short attacks print nothing
+        if self.quiet or now - self.last < self.every or not common.is_main():  # short attacks print nothing
             return
         self.last = now
         elapsed = now - self.start
@@ -345,19 +345,55 @@ def run_attack(attack_model, score_models, x, y, eps, params, bs, device, name, 
     restarts from `seed` for every attack, so an attack's result does not depend on the others run.
     A `stats` dict receives the largest L-inf perturbation over all points (`max_linf`)."""
     torch.manual_seed(seed)
+    rank, world_size = common.world()
     correct = [torch.zeros(len(y), dtype=torch.bool) for _ in score_models]
+    mine = torch.zeros(len(y), dtype=torch.bool)  # the points this rank attacked
+    max_linf = 0.0
     bar = Progress(name, len(y), quiet)
-    for lo in range(0, len(y), bs):
+    for b, lo in enumerate(range(0, len(y), bs)):
         xb, yb = x[lo:lo + bs].to(device), y[lo:lo + bs].to(device)
+        noise = start_noise(xb, eps, params["start"])  # drawn on every rank: the stream equals one process's
+        if b % world_size != rank:  # torchrun: the batches are shared round robin
+            continue
         check_frozen(attack_model, name)
         x_adv = pgd(attack_model, xb, yb, eps, params["steps"], params["step"], params["start"], params["loss"],
-                    params.get("kappa", 50.0))
-        if stats is not None:
-            stats["max_linf"] = max(stats.get("max_linf", 0.0), (x_adv - xb).abs().max().item())
+                    params.get("kappa", 50.0), noise=noise)
+        max_linf = max(max_linf, (x_adv - xb).abs().max().item())
         for c, m in zip(correct, score_models):
             c[lo:lo + bs] = (checked_predict(m, x_adv, xb, eps, name, deterministic) == yb).cpu()
+        mine[lo:lo + bs] = True
         bar.update(min(lo + bs, len(y)))
+    if world_size > 1:
+        correct = [from_owners(c, mine, device) for c in correct]
+        max_linf = float(from_owners(torch.tensor([max_linf]), torch.tensor([True]), device, op="max"))
+    if stats is not None:
+        stats["max_linf"] = max(stats.get("max_linf", 0.0), max_linf)
     return correct
+
+
+def start_noise(x, eps, start):
+    """The random start's perturbation as random_start draws it (None for no start)."""
+    if start == "none":
+        return None
+    return 0.001 * torch.randn_like(x) if start == "normal001" else torch.empty_like(x).uniform_(-eps, eps)
+
+
+def merge(t, mine, attacked, device):
+    """Under torchrun, after one attack of the ensemble: the owner's entry for every attacked point, the
+    (already equal) entry elsewhere."""
+    return torch.where(attacked.view(-1, *[1] * (t.dim() - 1)), from_owners(t, mine, device), t)
+
+
+def from_owners(t, mine, device, op="sum"):
+    """Under torchrun: every rank's entries where it computed them (`mine`), on every rank. Each entry has
+    exactly one owner, so a sum of the masked tensors puts the owner's value everywhere (a max for 'max')."""
+    if common.world()[1] == 1:
+        return t
+    dtype = t.dtype
+    mask = mine.view(-1, *[1] * (t.dim() - 1)).to(device)
+    v = torch.where(mask, t.to(device).double() if not t.is_floating_point() else t.to(device), 0)
+    torch.distributed.all_reduce(v, op=torch.distributed.ReduceOp.MAX if op == "max" else torch.distributed.ReduceOp.SUM)
+    return v.to(dtype).cpu()
 
 
 def w_robust(clean, robust):
@@ -844,8 +880,13 @@ def autoattack(model, x, y, eps, *, version="standard", attacks=None, bs=250, se
             continue
         robust_idx = robust.nonzero().flatten()  # ascending index order
         bar = Progress(name, num_robust, quiet)
-        for lo in range(0, num_robust, bs):
+        rank, world_size = common.world()
+        mine = torch.zeros(n, dtype=torch.bool)
+        for b, lo in enumerate(range(0, num_robust, bs)):
             idx = robust_idx[lo:lo + bs]
+            if b % world_size != rank:  # torchrun: batches shared round robin; each is seeded on its own (§4.6)
+                continue
+            mine[idx] = True
             xb, yb = x[idx].clone().to(device), y[idx].clone().to(device)
             check_frozen(model, name)
             adv = run_aa_attack(name, model, xb, yb, eps, seed, version, warnings.append, square_queries)
@@ -859,6 +900,10 @@ def autoattack(model, x, y, eps, *, version="standard", attacks=None, bs=250, se
             x_adv[idx[broken]] = adv[broken.to(adv.device)].detach().cpu()
             y_adv[idx[broken]] = out[broken.to(out.device)].cpu()
             bar.update(min(lo + bs, num_robust), f"robust {robust.sum().item() / n:.2%}")
+        if world_size > 1:  # every rank takes the owners' results of this attack before the next one
+            attacked = torch.zeros(n, dtype=torch.bool)
+            attacked[robust_idx] = True
+            robust, x_adv, y_adv, queries = (merge(t, mine, attacked, device) for t in (robust, x_adv, y_adv, queries))
         cumulative[name] = robust.sum().item() / n
         seconds[name] = time.perf_counter() - start
     # checks.py check_square_sr: a black-box attack beating the white-box ones signals gradient masking
@@ -1241,6 +1286,7 @@ def main(argv=None):
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         common.fail(f"--device {args.device} asked for, but CUDA is not available; use --device cpu")
+    device = torch.device(common.join_process_group(str(device)))  # torchrun: one GPU (or CPU process) per rank
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32  # fp32 unless --tf32 (§1)
     if args.deterministic:
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
@@ -1264,7 +1310,7 @@ def main(argv=None):
         num_classes=info["num_classes"], exact=proto["aa"] != "rand", rows=[], warnings=[],
         per_class=record_classes,
         row=lambda *a, **k: table_row(*a, **k, names=names),
-        say=(lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr, flush=True)))
+        say=(lambda *a: None) if args.quiet or not common.is_main() else (lambda *a: print(*a, file=sys.stderr, flush=True)))
     ctx.say(f"{info['arch']} on {dataset} test[:{len(y)}], preset {proto['preset']}, eps {proto['eps_str']}, "
             f"device {device}")
 
@@ -1294,6 +1340,8 @@ def main(argv=None):
         out["eps_sweep"] = eval_sweep(ctx, proto["sweep"])
     out["warnings"] = list(dict.fromkeys(ctx.warnings))  # each distinct warning once
 
+    if not common.is_main():  # under torchrun rank 0 prints and writes
+        return
     print(TABLE_HEADER)
     print("\n".join(ctx.rows))
     for w in out["warnings"]:

@@ -93,3 +93,31 @@ def test_resume_under_torchrun(cifar_dir, teacher_ckpt, tmp_path):
     full, part = check_resume_alone("rslad.py", argv, tmp_path, launcher=TORCHRUN)
     ck = torch.load(part / "last.pt", weights_only=True)
     assert len(ck["rng_ranks"]) == 2 and ck["args"]["sync_bn"] is False
+
+
+def test_eval_under_two_ranks_gives_the_same_numbers_and_flags(cifar_dir, tmp_path):
+    """eval_attacks.py under torchrun: white-box attacks and AutoAttack (fast) shared by batches across
+    2 ranks give the JSON of one process: every accuracy, per-class count and per-point robust flag."""
+    import train_teacher
+    train_teacher.main(["--recipe", "natural-iad", "--arch", "cnn_small", "--epochs", "4", "--lr", "0.05",
+                        "--batch-size", "32", "--data-dir", str(cifar_dir), "--device", "cpu",
+                        "--runs-dir", str(tmp_path / "runs")])
+    (model,) = (tmp_path / "runs").glob("*/best.pt")  # a model some points of which resist the attacks
+    common_flags = ["--data-dir", cifar_dir, "--n-ex", "40", "--bs", "8", "--aa-bs", "8", "--aa", "fast",
+                    "--attacks", "fgsm,pgd_sat,cw", "--device", "cpu", "--quiet"]
+    one = subprocess.run([sys.executable, str(ROOT / "eval_attacks.py"), str(model), *common_flags,
+                          "--json", str(tmp_path / "one.json")], capture_output=True, text=True, timeout=600,
+                         cwd=tmp_path)
+    assert one.returncode == 0, one.stderr[-3000:]
+    torchrun(ROOT / "eval_attacks.py", model, *common_flags, "--json", tmp_path / "two.json", tmp_path=tmp_path)
+    import json
+    a, b = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
+    assert b["env"]["world_size"] == 2 and a["env"]["world_size"] == 1
+    for key in ("clean", "per_class"):
+        assert a[key] == b[key], key
+    for name in ("fgsm", "pgd_sat", "cw", "aa_fast"):
+        ra, rb = a["attacks"][name], b["attacks"][name]
+        drop = ("seconds",)
+        assert {k: v for k, v in ra.items() if k not in drop} == {k: v for k, v in rb.items() if k not in drop}, name
+    flags = a["attacks"]["aa_fast"]["robust_flags"]
+    assert flags == b["attacks"]["aa_fast"]["robust_flags"] and 0 < sum(flags) < 40  # a real attack on both

@@ -2,6 +2,7 @@
 
 import re
 
+import pytest
 import torch
 import torch.nn.functional as F
 from conftest import ROOT, run_script
@@ -75,3 +76,23 @@ def test_sgd_step_is_the_plain_update():
     opt.step()
     for p, p0, g in zip(model.parameters(), ref, grads):
         assert torch.allclose(p, p0 - 0.1 * (g + 2e-4 * p0), atol=1e-7)
+
+
+BENCH_FLAGS = {
+    "ard": ["--teacher-arch", "cnn_small"],
+    "iad": ["--variant", "iad2", "--teacher-arch", "cnn_small", "--teacher-st-arch", "cnn_small"],
+    "mtard": ["--adv-teacher-arch", "cnn_small", "--nat-teacher-arch", "cnn_small"],
+    "ardir": ["--teacher-arch", "cnn_small", "--ir-layers", "layer1,layer2,layer3"],
+    "adt_aodt": ["--method", "aodt", "--peer-arch", "cnn_small"],
+    "train_teacher": ["--recipe", "trades"],
+}
+
+
+@pytest.mark.parametrize("method", sorted(BENCH_FLAGS))
+def test_bench_runs_every_method(method, tmp_path):
+    proc = run_script(ROOT / "tools" / "bench_train.py", method, *BENCH_FLAGS[method], "--arch", "cnn_small",
+                      "--batch-size", 4, "--attack-steps", 1, "--steps", 1, "--warmup", 0, "--device", "cpu",
+                      cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    flops = int(re.search(r"FLOPs of one training step.*: (\d+) ", proc.stdout).group(1))
+    assert flops > 0 and len(re.findall(r"[0-9.]+ img/s", proc.stdout)) == 2

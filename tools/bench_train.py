@@ -37,22 +37,36 @@ PEAKS = {
     "A10": {"bf16": 125.0, "tf32": 62.5, "fp32": 31.2},
 }
 
-METHODS = ("rslad", "ard", "train_teacher")
+METHODS = ("rslad", "ard", "iad", "mtard", "ardir", "adt_aodt", "train_teacher")
+# the checkpoint flags each script requires; the bench builds randomly initialised models instead
+PLACEHOLDERS = {"rslad": ["--teacher", "-"], "ard": ["--teacher", "-"], "iad": ["--teacher", "-"],
+                "mtard": ["--adv-teacher", "-", "--nat-teacher", "-"], "ardir": ["--teacher", "-"],
+                "adt_aodt": [], "train_teacher": []}
 
 
 def method_args(method, argv):
-    """The method script's own parser and defaults, with a placeholder for its checkpoint flags."""
+    """The method script's own parser and defaults, with placeholders for its checkpoint flags."""
     module = importlib.import_module(method)
-    fill = {"rslad": ["--teacher", "-"], "ard": ["--teacher", "-"], "train_teacher": []}[method]
+    fill = list(PLACEHOLDERS[method])
+    if method == "iad" and any(v in argv for v in ("iad2", "akd2")):
+        fill += ["--teacher-st", "-"]
+    if method == "adt_aodt" and "aodt" not in argv and "--teacher" not in argv:
+        fill += ["--teacher", "wrn34_10:-"]
     args, _ = module.parse_args(fill + argv)
     return module, args
 
 
+def frozen(arch, n, args, device):
+    return common.prepare_model(common.freeze(common.build_model(arch, n)), args, device)
+
+
 def build(method, module, args, device):
-    """Models, optimiser and a step closure `step(x, y)` for `method`, as its main() builds them."""
+    """Models, optimiser and a step closure `step(x, y)` for `method`, as its main() builds them (random
+    weights; the teachers' architectures from the flags or the method's defaults)."""
     n = common.DATASETS[args.dataset]
+    c100 = args.dataset == "cifar100"
+    student = common.prepare_student(common.build_model(args.arch, n), args, device)
     if method == "train_teacher":
-        student = common.prepare_student(common.build_model(args.arch, n), args, device)
         optimizer = module.make_optimizer(student, args)
 
         def step(x, y):
@@ -63,10 +77,29 @@ def build(method, module, args, device):
             optimizer.step()
             return terms
         return step
-    teacher_arch = args.teacher_arch or ("dm_wrn70_16" if args.dataset == "cifar100" else "wrn34_10")
-    teacher = common.prepare_model(common.freeze(common.build_model(teacher_arch, n)), args, device)
-    student = common.prepare_student(common.build_model(args.arch, n), args, device)
+    if method == "adt_aodt":
+        params = list(student.parameters())
+        if args.method == "aodt":
+            teacher = common.prepare_student(common.build_model(args.peer_arch, n, None), args, device)
+            params += list(teacher.parameters())
+        else:
+            arch = args.teacher[0].split(":")[0] if args.teacher and ":" in args.teacher[0] else "wrn34_10"
+            teacher = module.MeanLogits([frozen(arch, n, args, device)])
+        optimizer = common.sgd(params, args.lr, args.momentum, args.wd)
+        return lambda x, y: module.train_step(student, teacher, optimizer, x, y, args)
     optimizer = common.sgd(student.parameters(), args.lr, args.momentum, args.wd)
+    if method == "mtard":
+        adv = frozen(args.adv_teacher_arch or module.TEACHER_ARCHS["adv_teacher"][args.dataset], n, args, device)
+        nat = frozen(args.nat_teacher_arch or module.TEACHER_ARCHS["nat_teacher"][args.dataset], n, args, device)
+        anl = module.anl_state(args, device)
+        return lambda x, y: module.train_step(student, adv, nat, optimizer, x, y, anl, args)
+    default = {"rslad": "dm_wrn70_16" if c100 else "wrn34_10", "ard": "dm_wrn70_16" if c100 else "wrn34_10",
+               "iad": "resnet18", "ardir": "preact_resnet18"}[method]
+    teacher = frozen(args.teacher_arch or default, n, args, device)
+    if method == "iad":  # the step after the warm-up: the longest ledger
+        st = frozen(args.teacher_st_arch or "resnet18", n, args, device) if args.variant in ("iad2", "akd2") else None
+        epoch = (args.begin or 0) + 1
+        return lambda x, y: module.train_step(student, teacher, st, optimizer, x, y, epoch, args)
     return lambda x, y: module.train_step(student, teacher, optimizer, x, y, args)
 
 
