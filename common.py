@@ -243,12 +243,12 @@ def add_run_args(p, *, monitor, eval_every=1, eval_all_from=None, eval_first=Fal
     return p
 
 
-def add_teacher_args(p, g, prefix="teacher", *, what="teacher", arch_help, norm_help):
+def add_teacher_args(p, g, prefix="teacher", *, what="teacher", arch_help, norm_help, required=True, help=None):
     """--<prefix> (alias --<prefix>-ckpt), --<prefix>-arch, --<prefix>-norm, --<prefix>-shortcut-from.
     The checkpoint path may change on --resume (a moved file); load_teacher checks it is the same file."""
     flag = prefix.replace("_", "-")
-    g.add_argument(f"--{flag}", f"--{flag}-ckpt", required=True, metavar="CKPT",
-                   help=f"{what} checkpoint (the suite's format or any format docs/common.md §3 lists)")
+    g.add_argument(f"--{flag}", f"--{flag}-ckpt", required=required, metavar="CKPT",
+                   help=help or f"{what} checkpoint (the suite's format or any format docs/common.md §3 lists)")
     g.add_argument(f"--{flag}-arch", choices=ARCHS, default=None,
                    help=f"{what} architecture when the file does not say ({arch_help})")
     g.add_argument(f"--{flag}-norm", choices=["none", "cifar10", "cifar100"], default=None,

@@ -58,11 +58,11 @@ def parse_args(argv=None):
     # D-IAD-5: the TRADES rows' teacher is train_teacher.py --recipe trades-iad (IAD ships no TRADES script)
     common.add_teacher_args(p, g, what="adversarial teacher", arch_help="default: resnet18",
                             norm_help="default: the suite checkpoint's record, else none")
-    common.add_teacher_args(p, g, prefix="teacher_st", what="standard teacher",
+    # only iad2 and akd2 use it; resolve_defaults says so in one line
+    common.add_teacher_args(p, g, prefix="teacher_st", what="standard teacher", required=False,
+                            help="naturally trained teacher T_st, required by iad2 and akd2 (train_teacher.py "
+                                 "--recipe natural-iad)",
                             arch_help="default: resnet18", norm_help="default: the suite checkpoint's record, else none")
-    st = next(a for a in p._actions if a.dest == "teacher_st")
-    st.required = False  # only iad2 and akd2 use it; resolve_defaults says so in one line
-    st.help = "naturally trained teacher T_st, required by iad2 and akd2 (train_teacher.py --recipe natural-iad)"
     g.add_argument("--arch", choices=common.ARCHS, default="resnet18", help="student architecture (IAD Table 2: ResNet-18)")
     g = p.add_argument_group("loss (IAD Eq. 3-4, IAD-I.py, IAD-II.py)")
     g.add_argument("--temp", type=common.parse_float, default=1.0, help="distillation temperature (tau in IAD §5.1)")

@@ -1,27 +1,40 @@
 #!/usr/bin/env bash
-# The whole pipeline at smoke scale on a small CNN: a SAT teacher (train_teacher.py), an RSLAD and an
-# ARD student distilled from it, and an evaluation of each (eval_attacks.py, AutoAttack "fast").
-# Minutes on a CPU. Extra arguments go to every script, e.g. --data-dir DIR (a folder in the standard
-# cifar-10-batches-py layout; default ./data, downloaded there when possible) or --device cpu.
+# The whole pipeline at smoke scale on a small CNN: a SAT and a natural teacher (train_teacher.py), a
+# student of every method distilled from them, an evaluation of each (eval_attacks.py, AutoAttack
+# "fast") and the report of our numbers next to the papers' rows (tools/report.py; a small CNN matches
+# no published row, so it lists the nearest ones). Minutes on a CPU. Extra arguments go to every
+# training and evaluation script, e.g. --data-dir DIR or --device cpu.
 #
 #   bash smoke.sh                      # CIFAR-10 downloaded into ./data
 #   bash smoke.sh --data-dir DIR       # a folder holding cifar-10-batches-py/
 set -euo pipefail
 cd "$(dirname "$0")"
 out=runs/smoke-$(date +%Y%m%d-%H%M%S)
-size=(--arch cnn_small --train-subset 1024 --test-subset 200 --batch-size 128)
+size=(--arch cnn_small --train-subset 1024 --test-subset 200 --batch-size 128 --lr 0.02)
+student=("${size[@]}" --epochs 2 --eval-every 1)
 
-echo "== 1/4 teacher: SAT (IAD's recipe) on cnn_small"
-python train_teacher.py --recipe sat-iad "${size[@]}" --epochs 3 --lr 0.02 --runs-dir "$out/teacher" "$@"
-teacher=$(ls -d "$out"/teacher/*/)best.pt
+echo "== teachers: SAT (IAD's recipe) and natural training, cnn_small"
+python train_teacher.py --recipe sat-iad "${size[@]}" --epochs 3 --runs-dir "$out/sat" "$@"
+python train_teacher.py --recipe natural-iad "${size[@]}" --epochs 3 --runs-dir "$out/natural" "$@"
+sat=$(ls -d "$out"/sat/*/)best.pt
+nat=$(ls -d "$out"/natural/*/)best.pt
 
-echo "== 2/4 student: RSLAD"
-python rslad.py --teacher "$teacher" "${size[@]}" --epochs 2 --eval-every 1 --lr 0.02 --runs-dir "$out/rslad" "$@"
-echo "== 3/4 student: ARD"
-python ard.py --teacher "$teacher" "${size[@]}" --epochs 2 --lr 0.02 --runs-dir "$out/ard" "$@"
+echo "== students"
+python rslad.py --teacher "$sat" "${student[@]}" --runs-dir "$out/rslad" "$@"
+python ard.py --teacher "$sat" "${student[@]}" --runs-dir "$out/ard" "$@"
+python iad.py --variant iad2 --teacher "$sat" --teacher-st "$nat" --begin 1 "${student[@]}" --runs-dir "$out/iad" "$@"
+python mtard.py --adv-teacher "$sat" --nat-teacher "$nat" "${student[@]}" --runs-dir "$out/mtard" "$@"
+python ardir.py --teacher "$sat" --ir-layers layer1,layer2,layer3 "${student[@]}" --runs-dir "$out/ardir" "$@"
+python adt_aodt.py --method adt --teacher "cnn_small:$nat" "${student[@]}" --runs-dir "$out/adt" "$@"
+python adt_aodt.py --method aodt --peer-arch cnn_small "${student[@]}" --runs-dir "$out/aodt" "$@"
 
-echo "== 4/4 evaluation (clean, FGSM, PGD_SAT, PGD_TRADES, CW-inf, AutoAttack fast) on 200 test images"
-for student in "$out"/rslad/*/best.pt "$out"/ard/*/best.pt; do
-    python eval_attacks.py "$student" --n-ex 200 --aa fast --quiet "$@"
+echo "== evaluation (clean, FGSM, PGD, CW-inf, AutoAttack fast) on 200 test images"
+preset() { case $1 in iad) echo iad;; ardir) echo ardir;; adt|aodt) echo adt;; *) echo rslad;; esac; }
+for run in rslad ard iad mtard ardir adt aodt; do
+    ckpt=best.pt; [ "$(preset $run)" = adt ] && ckpt=last.pt  # ADT/AODT report last.pt (D-ADT-8)
+    python eval_attacks.py "$out"/$run/*/$ckpt --preset "$(preset $run)" --n-ex 200 --aa fast --quiet "$@"
 done
+
+echo "== report"
+python tools/report.py "$out"/*/*/*_eval_*.json
 echo "smoke run complete: $out"

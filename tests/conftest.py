@@ -179,7 +179,7 @@ def descendants(pid):
     return out
 
 
-def check_resume_alone(script, argv, tmp_path, epochs=3, launcher=None):
+def check_resume_alone(script, argv, tmp_path, epochs=2, launcher=None):
     """What a user does after a crash: `script argv --epochs N` runs uninterrupted in one folder; the same
     command in a second folder is killed (SIGKILL to it and every process below it) as soon as its first last.pt
     exists, i.e. during a later epoch; then `script --resume <that run>/last.pt` alone finishes it.
