@@ -1181,9 +1181,8 @@ def setup_device(args):
     if name.startswith("cuda") and not torch.cuda.is_available():
         fail(f"--device {name} asked for, but CUDA is not available; use --device cpu")
     name = join_process_group(name)
-    tf32 = not args.no_tf32
-    torch.backends.cuda.matmul.allow_tf32 = tf32
-    torch.backends.cudnn.allow_tf32 = tf32
+    if name.startswith("cuda"):  # TF32 exists on CUDA only; leaving the flags alone elsewhere spares recompiles
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = not args.no_tf32
     return torch.device(name)
 
 
@@ -1730,7 +1729,8 @@ def fp32_eval(model):
     tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
     model.eval()
     model.requires_grad_(False)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    if any(tf32):  # switched only when on: a compiled model then keeps one cache entry per setting in use
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     try:
         with torch.autocast(device_type="cuda", enabled=False), torch.autocast(device_type="cpu", enabled=False):
             yield model
