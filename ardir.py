@@ -164,26 +164,23 @@ def inner_max(student, x_nat, y, args):
     running statistics; the student is in train() on return.
     """
     student.train(args.attack_bn == "train")
-    x_adv = random_start(x_nat, args.eps, args.rand_start)
-    for _ in range(args.attack_steps):
-        x_adv.requires_grad_(True)
-        with common.autocast(args.amp, x_nat.device):
-            logits_adv = student(x_adv)
-        loss = F.cross_entropy(logits_adv.float(), y, reduction="sum")
-        grad, = torch.autograd.grad(loss, x_adv)
-        x_adv = x_adv.detach() + args.attack_step * grad.sign()
-        x_adv = torch.min(torch.max(x_adv, x_nat - args.eps), x_nat + args.eps).clamp(0, 1)
+    x_adv = pgd_ce_sum(student, x_nat, y, args)
     student.train()
-    return x_adv.detach()
+    return x_adv
 
 
 def teacher_inner_max(teacher, x_nat, y, args):
     """RA's teacher input ẋ = x + η_T (ARDIR Algorithm 1): the same PGD, against the frozen teacher in eval mode."""
+    return pgd_ce_sum(teacher, x_nat, y, args)
+
+
+def pgd_ce_sum(model, x_nat, y, args):
+    """PGD on CE_sum(model(x'), y) with the random start, steps and radius of the flags; the last iterate."""
     x_adv = random_start(x_nat, args.eps, args.rand_start)
     for _ in range(args.attack_steps):
         x_adv.requires_grad_(True)
         with common.autocast(args.amp, x_nat.device):
-            logits_adv = teacher(x_adv)
+            logits_adv = model(x_adv)
         loss = F.cross_entropy(logits_adv.float(), y, reduction="sum")
         grad, = torch.autograd.grad(loss, x_adv)
         x_adv = x_adv.detach() + args.attack_step * grad.sign()
