@@ -869,14 +869,32 @@ def _write_error(path, e):
 def save_checkpoint(path, obj):
     """Atomic write: a temp file in the same folder, then rename, so a crash or a full disk never
     leaves half a file and never touches the previous one. A write error is one line, exit status 2."""
-    path = Path(path)
     buf = io.BytesIO()
     torch.save(obj, buf)  # serialise in memory: torch's zip writer turns a failed write into a RuntimeError
+    _atomic_write(Path(path), buf.getbuffer())
+
+
+def write_text(path, text, append=False):
+    """Write (or append) a small text file; a write error is one line, exit status 2. A full write
+    goes through a temp file and a rename, like the checkpoints."""
+    path = Path(path)
+    if not append:
+        return _atomic_write(path, text.encode())
+    try:
+        with open(path, "a") as fh:
+            fh.write(text)
+    except OSError as e:
+        _write_error(path, e)
+
+
+def _atomic_write(path, data):
+    """`data` into a temp file beside `path`, fsynced, then renamed over it; the temp file never outlives
+    a failure (an OSError ends in one line, anything else is re-raised)."""
     tmp = None
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as fh:
-            fh.write(buf.getbuffer())
+            fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -892,25 +910,6 @@ def _remove(tmp):
     if tmp is not None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-
-
-def write_text(path, text, append=False):
-    """Write (or append) a small text file; a write error is one line, exit status 2. A full write
-    goes through a temp file and a rename, like the checkpoints."""
-    path = Path(path)
-    tmp = None
-    try:
-        if append:
-            with open(path, "a") as fh:
-                fh.write(text)
-            return
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except OSError as e:
-        _remove(tmp)
-        _write_error(path, e)
 
 
 def check_writable(folder):
