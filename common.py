@@ -1198,8 +1198,16 @@ def join_process_group(name):
 
 
 def _leave_process_group():
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    """At exit: wait (a bounded time) for every rank to get here, then leave. A rank that leaves while
+    rank 0 still writes its last checkpoint can take gloo's threads down with it (SIGABRT)."""
+    if not dist.is_initialized():
+        return
+    with contextlib.suppress(Exception):
+        if dist.get_backend() == "gloo":
+            dist.monitored_barrier(timeout=datetime.timedelta(seconds=300))
+        else:
+            dist.barrier()
+    dist.destroy_process_group()
 
 
 def autocast(amp, device):

@@ -42,6 +42,7 @@ def main(out_path, data_dir, teacher_path, *flags):
         result["buffers"].append(gathered(torch.cat([b.float().flatten() for b in common.local(student).buffers()])))
     if rank == 0:
         torch.save(result, out_path)
+    dist.barrier()  # no rank leaves while rank 0 writes
 
 
 if __name__ == "__main__":
