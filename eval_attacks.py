@@ -275,12 +275,33 @@ def check_bounds(x_adv, x, eps, what):
     return linf
 
 
-def checked_predict(model, x_adv, x, eps, what, deterministic=True):
+# Near-tie rule (§1), shared by checked_predict and reevaluate: two passes over the same input may disagree
+# at a point whose top-2 logit margin z_(1) - z_(2) is at most max(atol, rtol * max_j |z_j|), with
+# (atol, rtol) = NEAR_TIE[tf32].
+# fp32: 1e-4 absolute. Kernels chosen per batch shape only reorder fp32 sums (unit roundoff 2^-24).
+# TF32 (--tf32): every matmul/convolution input is rounded to a 10-bit mantissa (relative error up to
+# 2^-11 = 4.9e-4, 2^-10 if truncated), and a pass may also run a kernel without TF32, so two passes can
+# differ by the whole TF32 error. One 10240 x 10240 TF32 matmul already errs by up to 2.2e-3 of its mean
+# |entry| (PyTorch notes, CUDA semantics, TensorFloat-32); a deep network adds the errors of its layers,
+# about as a random walk (sqrt(34) ~ 6 for a WRN-34): rtol 2e-2 of the row's largest |logit|.
+NEAR_TIE = {False: (1e-4, 0.0), True: (1e-4, 2e-2)}
+
+
+def near_tie(logits, tf32=False):
+    """Per row: (top-2 margin, tolerance, margin <= tolerance) under NEAR_TIE[tf32]."""
+    atol, rtol = NEAR_TIE[bool(tf32)]
+    top2 = logits.topk(2, dim=1)[0]
+    margin = top2[:, 0] - top2[:, 1]
+    tol = (rtol * logits.abs().max(1)[0]).clamp(min=atol)
+    return margin, tol, margin <= tol
+
+
+def checked_predict(model, x_adv, x, eps, what, deterministic=True, tf32=False):
     """Score an adversarial batch in passes separate from the attack's, after checking its bounds (§1).
 
     With `deterministic`, the batch is scored again in two halves; a changed prediction is an error (a
-    stochastic or batch-dependent model, e.g. BatchNorm in train mode) unless the point's two largest
-    logits are within 1e-4 (kernels chosen per batch size may move a near-tie on a GPU)."""
+    stochastic or batch-dependent model, e.g. BatchNorm in train mode) unless near_tie(logits, tf32) calls
+    the point a near-tie (kernels chosen per batch size may move a near-tie on a GPU)."""
     check_bounds(x_adv, x, eps, what)
     with torch.no_grad():
         logits = model(x_adv)
@@ -288,8 +309,7 @@ def checked_predict(model, x_adv, x, eps, what, deterministic=True):
         if deterministic and len(x_adv) > 1:
             half = (len(x_adv) + 1) // 2
             again = torch.cat([model(x_adv[:half]), model(x_adv[half:])]).max(1)[1]
-            top2 = logits.topk(2, dim=1)[0]
-            if ((pred != again) & (top2[:, 0] - top2[:, 1] > 1e-4)).any():
+            if ((pred != again) & ~near_tie(logits, tf32)[2]).any():
                 common.fail(f"{what}: predictions on the same adversarial batch differ between two passes; "
                             "the model is stochastic or depends on the batch (train-mode BatchNorm?)")
     return pred
@@ -338,12 +358,13 @@ def pgd(model, x, y, eps, steps, step, start="uniform-clamp", loss="ce", kappa=5
 
 
 def run_attack(attack_model, score_models, x, y, eps, params, bs, device, name, seed, quiet=False, deterministic=True,
-               stats=None):
+               stats=None, tf32=False):
     """Craft `params` (a WHITEBOX entry) on `attack_model` in batches; score on every model of `score_models`.
 
     Returns, per scoring model, a bool tensor: final iterate classified correctly. The random stream
     restarts from `seed` for every attack, so an attack's result does not depend on the others run.
-    A `stats` dict receives the largest L-inf perturbation over all points (`max_linf`)."""
+    A `stats` dict receives the largest L-inf perturbation over all points (`max_linf`); `tf32` selects the
+    near-tie tolerance of checked_predict."""
     torch.manual_seed(seed)
     rank, world_size = common.world()
     correct = [torch.zeros(len(y), dtype=torch.bool) for _ in score_models]
@@ -360,7 +381,7 @@ def run_attack(attack_model, score_models, x, y, eps, params, bs, device, name, 
                     params.get("kappa", 50.0), noise=noise)
         max_linf = max(max_linf, (x_adv - xb).abs().max().item())
         for c, m in zip(correct, score_models):
-            c[lo:lo + bs] = (checked_predict(m, x_adv, xb, eps, name, deterministic) == yb).cpu()
+            c[lo:lo + bs] = (checked_predict(m, x_adv, xb, eps, name, deterministic, tf32) == yb).cpu()
         mine[lo:lo + bs] = True
         bar.update(min(lo + bs, len(y)))
     if world_size > 1:
@@ -916,21 +937,31 @@ def autoattack(model, x, y, eps, *, version="standard", attacks=None, bs=250, se
                 square_queries=queries)
 
 
-def reevaluate(model, x, y, result, eps, bs, device, what, deterministic=True):
-    """The suite's re-evaluation (§4.1): a separate pass over x_adv must reproduce the robust flags
-    (for a randomised model, --aa rand, a disagreement is only counted)."""
+MOVED_KEYS = ("acc_from", "reevaluated_acc", "n_disagree", "n_near_tie", "near_tie_tol", "disagreements")
+
+
+def reevaluate(model, x, y, result, eps, bs, device, what, tf32=False):
+    """The suite's re-evaluation (§4.1): a separate pass over x_adv in batches of `bs`, after checking its
+    bounds. The attack's robust flags stay the result (`acc_from`); every point whose re-evaluated
+    prediction differs from its flag is listed with its top-2 margin and whether near_tie(logits, tf32)
+    calls it a near-tie. What a disagreement means is the caller's (note_reevaluation)."""
     x_adv, robust = result["x_adv"], result["robust"]
     stats = dict(max_linf=check_bounds(x_adv, x, eps, what), n_nan=0, x_min=x_adv.min().item(),
                  x_max=x_adv.max().item())
-    correct = torch.zeros(len(y), dtype=torch.bool)
-    for lo in range(0, len(y), bs):
-        correct[lo:lo + bs] = (predict(model, x_adv[lo:lo + bs].to(device)) == y[lo:lo + bs].to(device)).cpu()
-    stats["reevaluated_acc"] = correct.float().mean().item()
-    stats["n_disagree"] = int((correct != robust).sum())
-    if deterministic and stats["n_disagree"]:
-        common.fail(f"{what}: re-evaluating x_adv gives {correct.sum().item()} correct points, the attack "
-                    f"reported {robust.sum().item()} ({stats['n_disagree']} disagree); is the model stochastic "
-                    "or batch-dependent?")
+    correct, tie = torch.zeros(len(y), dtype=torch.bool), torch.zeros(len(y), dtype=torch.bool)
+    margin, tol = torch.zeros(len(y)), torch.zeros(len(y))
+    with torch.no_grad():
+        for lo in range(0, len(y), bs):
+            logits = model(x_adv[lo:lo + bs].to(device))
+            correct[lo:lo + bs] = (logits.max(1)[1] == y[lo:lo + bs].to(device)).cpu()
+            m, t, k = near_tie(logits, tf32)
+            margin[lo:lo + bs], tol[lo:lo + bs], tie[lo:lo + bs] = m.cpu(), t.cpu(), k.cpu()
+    moved = (correct != robust).nonzero().flatten().tolist()
+    atol, rtol = NEAR_TIE[bool(tf32)]
+    stats.update(acc_from="robust_flags", reevaluated_acc=correct.float().mean().item(), n_disagree=len(moved),
+                 n_near_tie=int(tie[moved].sum()), near_tie_tol={"tf32": bool(tf32), "atol": atol, "rtol": rtol},
+                 disagreements=[{"index": i, "robust": bool(robust[i]), "margin": margin[i].item(),
+                                 "tol": tol[i].item(), "near_tie": bool(tie[i])} for i in moved])
     return stats
 
 
@@ -1059,13 +1090,45 @@ def parse_grid(args):
     return grid
 
 
+def note_reevaluation(ctx, label, stats, shown=5):
+    """One line for the text output on what the re-evaluation (§4.1) moved. On a model evaluated as
+    deterministic (not --aa rand), points moved beyond the near-tie tolerance are a loud warning."""
+    moved, n = stats["disagreements"], len(ctx.y)
+    if not moved:
+        ctx.notes.append(f"{label}: the re-evaluation reproduces the attack's flags on all {n} points")
+        return
+    listed = ", ".join(f"{d['index']} ({d['margin']:.2g}{', near-tie' if d['near_tie'] else ''})"
+                       for d in moved[:shown])
+    more = f" and {len(moved) - shown} more in the JSON" if len(moved) > shown else ""
+    ctx.notes.append(f"{label}: the re-evaluation moved {len(moved)} of {n} points ({stats['n_near_tie']} near-ties), "
+                     f"point (top-2 margin): {listed}{more}; acc is the attack's, re-evaluated "
+                     f"{stats['reevaluated_acc']:.4f}")
+    far = [d for d in moved if not d["near_tie"]]
+    if far and ctx.exact:
+        points = ", ".join(str(d["index"]) for d in far[:shown]) + (" ..." if len(far) > shown else "")
+        loud_warning(ctx, label, f"{label}: {len(far)} of {n} points moved between the attack and the re-evaluation "
+                                 f"beyond the near-tie tolerance (largest margin {max(d['margin'] for d in far):.3g}, "
+                                 f"points {points}): is the model stochastic or batch-dependent (train-mode "
+                                 "BatchNorm?)")
+
+
+def loud_warning(ctx, label, msg, status=True):
+    """A warning in the JSON and on stderr at once, even with --quiet; with `status`, the exit status becomes
+    1 once the results are written (main)."""
+    ctx.warnings.append(msg)
+    if status:
+        ctx.failed.append(label)
+    if common.is_main():
+        print(f"WARNING: {msg}", file=sys.stderr, flush=True)
+
+
 def eval_clean(ctx):
     """Clean accuracy, first (§1): far from the expected value means a wrong --norm or architecture."""
     start, bs = time.perf_counter(), ctx.args.bs
     correct = torch.zeros(len(ctx.y), dtype=torch.bool)
     for lo in range(0, len(ctx.y), bs):
         xb = ctx.x[lo:lo + bs].to(ctx.device)
-        correct[lo:lo + bs] = (checked_predict(ctx.model, xb, xb, ctx.eps, "clean", ctx.exact)
+        correct[lo:lo + bs] = (checked_predict(ctx.model, xb, xb, ctx.eps, "clean", ctx.exact, ctx.args.tf32)
                                == ctx.y[lo:lo + bs].to(ctx.device)).cpu()
     ctx.clean_correct, ctx.clean = correct, correct.float().mean().item()
     per_class = ctx.per_class(correct, "clean")
@@ -1080,7 +1143,7 @@ def eval_whitebox(ctx, attacks):
     for name, params in attacks.items():
         start = time.perf_counter()
         correct, = run_attack(ctx.model, [ctx.model], ctx.x, ctx.y, ctx.eps, params, ctx.args.bs, ctx.device, name,
-                              ctx.args.seed, ctx.args.quiet, ctx.exact)
+                              ctx.args.seed, ctx.args.quiet, ctx.exact, tf32=ctx.args.tf32)
         res[name] = accuracy_record(correct, ctx.clean_correct, ctx.clean, params, time.perf_counter() - start)
         ctx.rows.append(ctx.row(name, res[name]["acc"], res[name]["acc_and_clean"], res[name]["w_robust"],
                                 res[name]["seconds"], ctx.per_class(correct, name)))
@@ -1100,7 +1163,8 @@ def eval_transfer(ctx, attacks):
     for name, params in attacks.items():
         start = time.perf_counter()
         correct, src_correct = run_attack(source, [ctx.model, source], ctx.x, ctx.y, ctx.eps, params, ctx.args.bs,
-                                          ctx.device, f"transfer {name}", ctx.args.seed, ctx.args.quiet, ctx.exact)
+                                          ctx.device, f"transfer {name}", ctx.args.seed, ctx.args.quiet, ctx.exact,
+                                          tf32=ctx.args.tf32)
         acc = correct.float().mean().item()
         res[name] = {"source": {"ckpt": path, "arch": arch, "norm": info["norm"]}, "params": params, "acc": acc,
                      "n_correct": int(correct.sum()), "source_acc": src_correct.float().mean().item(),
@@ -1117,13 +1181,14 @@ def eval_square_bb(ctx):
     start, args = time.perf_counter(), ctx.args
     r = autoattack(ctx.model, ctx.x, ctx.y, ctx.eps, attacks=["square"], bs=args.aa_bs, seed=args.aa_seed,
                    device=ctx.device, quiet=args.quiet, checks=False, square_queries=args.square_queries)
-    reevaluate(ctx.model, ctx.x, ctx.y, r, ctx.eps, args.aa_bs, ctx.device, "square-bb", ctx.exact)
+    stats = reevaluate(ctx.model, ctx.x, ctx.y, r, ctx.eps, args.aa_bs, ctx.device, "square-bb", args.tf32)
+    note_reevaluation(ctx, "square-bb", stats)
     acc = r["robust"].float().mean().item()
     broken = ctx.clean_correct & ~r["robust"]
     res = {"n_queries": args.square_queries, "p_init": 0.8, "acc": acc, "n_correct": int(r["robust"].sum()),
            "w_robust": w_robust(ctx.clean, acc),
            "median_queries": r["square_queries"][broken].median().item() if broken.any() else None,
-           "seconds": round(time.perf_counter() - start, 3)}
+           "seconds": round(time.perf_counter() - start, 3), **{k: stats[k] for k in MOVED_KEYS}}
     ctx.rows.append(ctx.row(f"square-bb ({args.square_queries} q)", acc, None, res["w_robust"], res["seconds"],
                             ctx.per_class(r["robust"], "square_bb")))
     return res
@@ -1149,7 +1214,7 @@ def eval_quant(ctx, attacks, grid):
     for name, params in attacks.items():  # crafted once on f, scored under every b
         start = time.perf_counter()
         correct = run_attack(ctx.model, gs, x, y, ctx.eps, params, args.bs, ctx.device, f"Q {name}", args.seed,
-                             args.quiet, ctx.exact)
+                             args.quiet, ctx.exact, tf32=args.tf32)
         for b, c in zip(grid, correct):
             record(b, "nonadaptive", name, c, (time.perf_counter() - start) / len(grid))
     if args.quant_mode == "bpda":
@@ -1158,7 +1223,8 @@ def eval_quant(ctx, attacks, grid):
             for name, params in attacks.items():
                 start = time.perf_counter()
                 c, = run_attack(freeze_for_attack(Quantized(ctx.model, b, bpda=True)), [g], x, y, ctx.eps, params,
-                                args.bs, ctx.device, f"Q{b} bpda {name}", args.seed, args.quiet, ctx.exact)
+                                args.bs, ctx.device, f"Q{b} bpda {name}", args.seed, args.quiet, ctx.exact,
+                                tf32=args.tf32)
                 record(b, "bpda", name, c, time.perf_counter() - start)
     key = "fgsm20" if "fgsm20" in attacks else next(iter(attacks))
     res["selected_b"] = max(grid, key=lambda b: res[str(b)]["nonadaptive"][key]["w_robust"])
@@ -1174,9 +1240,11 @@ def eval_aa(ctx, version):
             start = time.perf_counter()
             r = autoattack(ctx.model, ctx.x, ctx.y, ctx.eps, version="standard", attacks=[name], bs=args.aa_bs,
                            seed=args.aa_seed, device=ctx.device, quiet=args.quiet, checks=i == 0)
-            reevaluate(ctx.model, ctx.x, ctx.y, r, ctx.eps, args.aa_bs, ctx.device, f"AA {name}")
+            stats = reevaluate(ctx.model, ctx.x, ctx.y, r, ctx.eps, args.aa_bs, ctx.device, f"AA {name}", args.tf32)
+            note_reevaluation(ctx, f"{key}.{name}", stats)
             ctx.warnings += r["warnings"]
-            res[name] = {"acc": r["cumulative"][name], "seconds": round(time.perf_counter() - start, 3)}
+            res[name] = {"acc": r["cumulative"][name], "seconds": round(time.perf_counter() - start, 3),
+                         **{k: stats[k] for k in MOVED_KEYS}}
             ctx.rows.append(ctx.row(f"AA {name} (alone)", res[name]["acc"], None, w_robust(ctx.clean, res[name]["acc"]),
                                     res[name]["seconds"], ctx.per_class(r["robust"], f"{key}.{name}")))
         return {key: res}
@@ -1184,10 +1252,12 @@ def eval_aa(ctx, version):
     r = autoattack(ctx.model, ctx.x, ctx.y, ctx.eps, version=version, bs=args.aa_bs, seed=args.aa_seed,
                    device=ctx.device, quiet=args.quiet)
     seconds = time.perf_counter() - start
-    stats = reevaluate(ctx.model, ctx.x, ctx.y, r, ctx.eps, args.aa_bs, ctx.device, "AutoAttack", ctx.exact)
+    stats = reevaluate(ctx.model, ctx.x, ctx.y, r, ctx.eps, args.aa_bs, ctx.device, "AutoAttack", args.tf32)
+    note_reevaluation(ctx, key, stats)
     acc = r["robust"].float().mean().item()
     if acc > ctx.clean:
-        common.fail(f"AutoAttack accuracy {acc:.4f} above clean accuracy {ctx.clean:.4f}")
+        loud_warning(ctx, key, f"{key}: accuracy {acc:.4f} above the clean accuracy {ctx.clean:.4f}: the clean pass "
+                               "and AutoAttack's classify some clean point differently", status=ctx.exact)
     ctx.warnings += r["warnings"]
     ctx.say(f"AutoAttack: max L-inf {stats['max_linf']:.5f}, x_adv in [{stats['x_min']:.5f}, {stats['x_max']:.5f}], "
             f"no NaN, robust accuracy {100 * acc:.2f}%")
@@ -1218,14 +1288,16 @@ def eval_sweep(ctx, sweep):
             r = autoattack(ctx.model, ctx.x, ctx.y, eps, version=sweep["aa_version"], bs=args.aa_bs, seed=args.aa_seed,
                            device=ctx.device, quiet=args.quiet, checks=False)
             stats = reevaluate(ctx.model, ctx.x, ctx.y, r, eps, args.aa_bs, ctx.device, f"sweep AA @ {eps_str}",
-                               ctx.exact)
+                               args.tf32)
+            note_reevaluation(ctx, f"autoattack @ eps {eps_str}", stats)
             correct, params = r["robust"], {"version": sweep["aa_version"], "bs": args.aa_bs, "seed": args.aa_seed}
         else:
             correct, = run_attack(ctx.model, [ctx.model], ctx.x, ctx.y, eps, params, args.bs, ctx.device,
-                                  f"sweep {name} @ {eps_str}", args.seed, args.quiet, ctx.exact, stats)
+                                  f"sweep {name} @ {eps_str}", args.seed, args.quiet, ctx.exact, stats, args.tf32)
         rec = accuracy_record(correct, ctx.clean_correct, ctx.clean, params, time.perf_counter() - start)
         rec["per_class"] = class_stats(correct, ctx.y, ctx.num_classes)
-        points.append({"eps": eps, "eps_str": eps_str, **rec, "max_linf": stats.get("max_linf", 0.0)})
+        points.append({"eps": eps, "eps_str": eps_str, **rec, "max_linf": stats.get("max_linf", 0.0),
+                       **{k: stats[k] for k in MOVED_KEYS if k in stats}})
         ctx.rows.append(ctx.row(f"{name} @ eps {eps_str}", rec["acc"], rec["acc_and_clean"], rec["w_robust"],
                                 rec["seconds"], rec["per_class"]))
         ctx.say(f"sweep {name} @ {eps_str}: {100 * rec['acc']:.2f}%")
@@ -1307,7 +1379,7 @@ def main(argv=None):
 
     ctx = argparse.Namespace(
         args=args, model=model, x=x_u8.float().div(255), y=y, eps=proto["eps"], device=device,
-        num_classes=info["num_classes"], exact=proto["aa"] != "rand", rows=[], warnings=[],
+        num_classes=info["num_classes"], exact=proto["aa"] != "rand", rows=[], warnings=[], notes=[], failed=[],
         per_class=record_classes,
         row=lambda *a, **k: table_row(*a, **k, names=names),
         say=(lambda *a: None) if args.quiet or not common.is_main() else (lambda *a: print(*a, file=sys.stderr, flush=True)))
@@ -1340,14 +1412,18 @@ def main(argv=None):
         out["eps_sweep"] = eval_sweep(ctx, proto["sweep"])
     out["warnings"] = list(dict.fromkeys(ctx.warnings))  # each distinct warning once
 
-    if not common.is_main():  # under torchrun rank 0 prints and writes
-        return
-    print(TABLE_HEADER)
-    print("\n".join(ctx.rows))
-    for w in out["warnings"]:
-        print(f"warning: {w}")
-    common.write_text(json_path, common.json_dumps(out, indent=1) + "\n")
-    print(f"wrote {json_path}")
+    if common.is_main():  # under torchrun rank 0 prints and writes
+        print(TABLE_HEADER)
+        print("\n".join(ctx.rows))
+        for note in ctx.notes:
+            print(note)
+        for w in out["warnings"]:
+            print(f"warning: {w}")
+        common.write_text(json_path, common.json_dumps(out, indent=1) + "\n")
+        print(f"wrote {json_path}")
+    if ctx.failed:  # only now: the results are written whatever the re-evaluation found (§4.1)
+        common.fail(f"{', '.join(dict.fromkeys(ctx.failed))}: two passes over the same points disagree beyond "
+                    f"near-ties (see the warnings); the results are written to {json_path}", status=1)
 
 
 if __name__ == "__main__":

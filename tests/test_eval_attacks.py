@@ -202,9 +202,137 @@ def test_ensemble_accounting(model, data):
         assert torch.equal(r["y_adv"], model(r["x_adv"]).max(1)[1])
     stats = ea.reevaluate(model, x, y, r, eps, 3, "cpu", "test")
     assert stats["reevaluated_acc"] == 0.0 and stats["max_linf"] <= eps + 1e-6 and stats["n_nan"] == 0
-    r["robust"][1] = True  # a flag the re-evaluation cannot reproduce
+    assert stats["n_disagree"] == 0 and stats["disagreements"] == [] and stats["acc_from"] == "robust_flags"
+    r["robust"][1] = True  # a flag the re-evaluation cannot reproduce: recorded, not fatal
+    stats = ea.reevaluate(model, x, y, r, eps, 3, "cpu", "test")
+    with torch.no_grad():
+        top2 = model(r["x_adv"][1:2]).topk(2)[0][0]
+    (d,) = stats["disagreements"]
+    assert (d["index"], d["robust"], d["tol"]) == (1, True, pytest.approx(1e-4))
+    assert d["margin"] == pytest.approx((top2[0] - top2[1]).item()) and d["near_tie"] == (d["margin"] <= 1e-4)
+    assert stats["n_disagree"] == 1 and stats["n_near_tie"] == int(d["near_tie"])
+
+
+def test_near_tie_tolerance_by_hand_fp32_and_tf32():
+    """The rule checked_predict and reevaluate share: top-2 margin <= max(1e-4, rtol * max_j |z_j|), rtol 0
+    in fp32 and 2e-2 under TF32."""
+    z = torch.tensor([[2.0, 2.0 - 2 ** -14, 0.0],  # margin 6.1e-5
+                      [2.0, 2.0 - 2 ** -12, 0.0],  # 2.4e-4
+                      [-3.0, 9.875, 10.0],  # 0.125; TF32 tolerance 0.2
+                      [10.0, 9.75, -3.0],  # 0.25; TF32 tolerance 0.2
+                      [0.25, 0.0, -20.0],  # 0.25; the largest |logit| is negative: TF32 tolerance 0.4
+                      [2 ** -10, 2 ** -10 - 2 ** -14, 0.0],  # 6.1e-5 on tiny logits: the 1e-4 floor
+                      [2 ** -10, 0.0, 0.0],  # 9.8e-4 on tiny logits
+                      [1.0, 1.0, 0.0]])  # an exact tie
+    margins = [2 ** -14, 2 ** -12, 0.125, 0.25, 0.25, 2 ** -14, 2 ** -10, 0.0]
+    for tf32, tols, ties in ((False, [1e-4] * 8, [1, 0, 0, 0, 0, 1, 0, 1]),
+                             (True, [0.04, 0.04, 0.2, 0.2, 0.4, 1e-4, 1e-4, 0.02], [1, 1, 1, 0, 1, 1, 0, 1])):
+        margin, tol, tie = ea.near_tie(z, tf32)
+        assert margin.tolist() == margins
+        assert tol.tolist() == pytest.approx(tols)
+        assert tie.tolist() == [bool(t) for t in ties]
+
+
+class PushedAtBatchSize(nn.Module):
+    """`base` whose logit `cls` rises by `delta` in batches of exactly `size` points: a deterministic model
+    on which a kernel picked per batch shape moves a point."""
+
+    def __init__(self, base, size, cls, delta):
+        super().__init__()
+        self.base, self.size, self.cls, self.delta = base, size, cls, delta
+
+    def forward(self, x):
+        z = self.base(x)
+        return z + self.delta * F.one_hot(torch.tensor(self.cls), z.shape[1]) if len(x) == self.size else z
+
+
+def near_tie_points(margin):
+    """Six uint8 images for picker(10, 3*I) with bias -margin on class 7: points 0-4 have margin 3, except
+    point 3 (label 3) whose logits 3 and 7 are 1.8 and 1.8 - margin; point 5 is misclassified clean
+    (class 0, label 1), so AutoAttack attacks five points where the clean pass and the re-evaluation see six."""
+    y = torch.tensor([0, 1, 2, 3, 4, 1])
+    x = torch.zeros(6, 3, 32, 32, dtype=torch.uint8)
+    flat = x.view(6, -1)
+    flat[torch.arange(6), torch.tensor([0, 1, 2, 3, 4, 0])] = 255
+    flat[3, 3] = flat[3, 7] = 153  # 0.6
+    base = picker(10, 3 * torch.eye(10))
+    with torch.no_grad():
+        base[1].bias[7] = -margin
+    return x, y, base
+
+
+@pytest.fixture
+def tf32_flags():
+    """main() sets the TF32 flags; they are put back afterwards."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def run_main(monkeypatch, tmp_path, model, x_u8, y, *flags):
+    """main() on `model` and the points (x_u8, y): AutoAttack fast only, eps 1/255 (the picker's margins of
+    3 stay out of reach), batches of all six points."""
+    import common
+    info = {"arch": "picker", "arch_kwargs": {}, "num_classes": 10, "norm": None, "suite": False}
+    monkeypatch.setattr(ea, "load_target", lambda args, device: (model.eval().requires_grad_(False), info, "cifar10"))
+    monkeypatch.setattr(common, "load_split", lambda *a, **k: (x_u8, y))
+    ckpt, out = tmp_path / "model.pt", tmp_path / "eval.json"
+    ckpt.write_bytes(b"a stand-in: load_target is replaced")
+    ea.main([str(ckpt), "--device", "cpu", "--eps", "1/255", "--attacks", "none", "--aa", "fast", "--bs", "6",
+             "--aa-bs", "6", "--json", str(out), "--quiet", *flags])
+    return out
+
+
+@pytest.mark.usefixtures("tf32_flags")
+@pytest.mark.parametrize("margin, delta, flags", [(2e-5, 1e-3, []), (0.03, 0.05, ["--tf32"])])
+def test_autoattack_near_tie_flip_in_reevaluation_keeps_the_evaluation(monkeypatch, tmp_path, capsys, margin, delta,
+                                                                         flags):
+    """Point 3 is broken in AutoAttack's batch of five and correct again in the re-evaluation's batch of six,
+    at a top-2 margin within the tolerance (fp32: 2e-5 <= 1e-4; --tf32: 0.03 <= 2e-2 * 1.8): the run ends
+    normally and the JSON keeps the attack's accuracy and records the moved point."""
+    x_u8, y, base = near_tie_points(margin)
+    out = run_main(monkeypatch, tmp_path, PushedAtBatchSize(base, 5, 7, delta), x_u8, y, *flags)
+    j = json.loads(out.read_text())
+    aa = j["attacks"]["aa_fast"]
+    assert aa["robust_flags"] == [1, 1, 1, 0, 1, 0] and aa["acc_from"] == "robust_flags"
+    assert aa["acc"] == pytest.approx(4 / 6)  # the attack's flags, not the re-evaluation's
+    assert aa["reevaluated_acc"] == pytest.approx(5 / 6) and aa["n_disagree"] == 1 and aa["n_near_tie"] == 1
+    (d,) = aa["disagreements"]
+    assert (d["index"], d["robust"], d["near_tie"]) == (3, False, True)
+    assert d["margin"] == pytest.approx(margin, rel=1e-2) and aa["near_tie_tol"]["tf32"] == bool(flags)
+    assert not any("near-tie tolerance" in w for w in j["warnings"])
+    stdout = capsys.readouterr().out
+    assert "aa_fast: the re-evaluation moved 1 of 6 points (1 near-ties)" in stdout and "wrote" in stdout
+
+
+@pytest.mark.usefixtures("tf32_flags")
+def test_autoattack_large_flip_in_reevaluation_is_written_then_exits_1(monkeypatch, tmp_path, capsys):
+    """The same flip at a top-2 margin of 0.3: the table and the JSON are written, the moved point is a loud
+    warning (JSON, stderr), and only then does the run exit with status 1."""
+    x_u8, y, base = near_tie_points(0.3)
+    with pytest.raises(SystemExit) as e:
+        run_main(monkeypatch, tmp_path, PushedAtBatchSize(base, 5, 7, 0.5), x_u8, y)
+    assert e.value.code == 1
+    j = json.loads((tmp_path / "eval.json").read_text())
+    aa = j["attacks"]["aa_fast"]
+    assert aa["acc"] == pytest.approx(4 / 6) and aa["reevaluated_acc"] == pytest.approx(5 / 6)
+    assert (aa["n_disagree"], aa["n_near_tie"]) == (1, 0)
+    assert aa["disagreements"][0]["index"] == 3 and aa["disagreements"][0]["margin"] == pytest.approx(0.3, rel=1e-5)
+    assert [w for w in j["warnings"] if "beyond the near-tie tolerance" in w and "points 3" in w]
+    captured = capsys.readouterr()
+    assert "WARNING: aa_fast: 1 of 6 points moved" in captured.err and "written to" in captured.err
+    assert "aa_fast" in captured.out and "wrote" in captured.out
+
+
+def test_whitebox_check_accepts_a_tf32_sized_flip_only_under_tf32():
+    """checked_predict scores a batch whole and in halves; point 3 flips in the halves at a margin of 0.03:
+    beyond the fp32 tolerance (an error), within the TF32 one (2e-2 of 1.8)."""
+    x_u8, y, base = near_tie_points(0.03)
+    model = PushedAtBatchSize(base, 3, 7, 0.05).eval()
+    x = x_u8.float() / 255
     with pytest.raises(SystemExit):
-        ea.reevaluate(model, x, y, r, eps, 3, "cpu", "test")
+        ea.checked_predict(model, x, x, 1 / 255, "test")
+    assert torch.equal(ea.checked_predict(model, x, x, 1 / 255, "test", tf32=True), torch.tensor([0, 1, 2, 3, 4, 0]))
 
 
 # ---- quantisation, W-Robust, presets (§7, §8, §2) ----------------------------------------------------------
@@ -291,7 +419,9 @@ def test_cli_smoke_writes_json(cifar_dir, tmp_path):
     aa = j["attacks"]["aa_fast"]
     assert list(aa["cumulative"]) == ["clean", "apgd-ce", "apgd-t"] and aa["acc"] <= j["clean"]["acc"]
     assert aa["reevaluated_acc"] == aa["acc"] and len(aa["robust_flags"]) == 6 and aa["max_linf"] <= j["eps"] + 1e-6
-    assert sum(aa["robust_flags"]) == aa["n_correct"]
+    assert sum(aa["robust_flags"]) == aa["n_correct"] and aa["acc_from"] == "robust_flags"
+    assert (aa["n_disagree"], aa["n_near_tie"], aa["disagreements"]) == (0, 0, [])
+    assert "aa_fast: the re-evaluation reproduces the attack's flags on all 6 points" in run.stdout
     assert set(j["attacks"]["transfer"]["pgd20"]) >= {"source", "params", "acc", "source_acc", "w_robust"}
     assert set(j["attacks"]["square_bb"]) >= {"n_queries", "p_init", "acc", "w_robust", "median_queries"}
     q = j["attacks"]["quant"]
@@ -386,10 +516,13 @@ def test_eps_sweep_with_autoattack(model, data):
     sweep = ea.resolve_protocol(args, "cifar10")["sweep"]
     assert sweep["aa_version"] == "fast" and all(p is None for _, _, p in sweep["points"])
     ctx = argparse.Namespace(args=args, model=model, x=x, y=y, device="cpu", exact=True, clean_correct=y == y,
-                             clean=1.0, num_classes=10, rows=[], row=ea.table_row, say=lambda *a: None)
+                             clean=1.0, num_classes=10, rows=[], row=ea.table_row, say=lambda *a: None, warnings=[],
+                             notes=[], failed=[])
     res = ea.eval_sweep(ctx, sweep)
     for p, eps in zip(res["points"], (1 / 255, 3 / 255)):
         assert p["eps"] == eps and 0 < p["max_linf"] <= eps + 1e-6 and p["params"]["version"] == "fast"
+        assert p["n_disagree"] == 0 and p["disagreements"] == []
+    assert len(ctx.notes) == 2 and not ctx.failed
     assert res["acc"][0] >= res["acc"][1]
 
 
