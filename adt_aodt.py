@@ -174,20 +174,21 @@ def inner_max(student, x_nat, y, args):
         with torch.no_grad(), common.autocast(args.amp, x_nat.device):
             p_nat = F.softmax(student(x_nat).float(), dim=1)  # trades.py recomputes M^r(x) each step; constant in eval()
     x_adv = random_start(x_nat, args.eps, args.rand_start)
-    for _ in range(args.attack_steps):
-        x_adv.requires_grad_(True)
-        with common.autocast(args.amp, x_nat.device):
-            logits_adv = student(x_adv)
-        if trades:
-            if args.attack_bn == "train":  # trades.py order, M^r(x') then M^r(x): here both move the BN statistics
-                with torch.no_grad(), common.autocast(args.amp, x_nat.device):
-                    p_nat = F.softmax(student(x_nat).float(), dim=1)
-            loss = kl_div(p_nat, F.log_softmax(logits_adv.float(), dim=1), "sum")  # nn.KLDivLoss(size_average=False)
-        else:
-            loss = F.cross_entropy(logits_adv.float(), y, reduction="sum")  # D-ADT-4: CE summed over the batch
-        grad, = torch.autograd.grad(loss, x_adv)
-        x_adv = x_adv.detach() + args.attack_step * grad.sign()
-        x_adv = torch.min(torch.max(x_adv, x_nat - args.eps), x_nat + args.eps).clamp(0, 1)
+    with common.input_grad_only(student):  # no weight gradients: a compiled backward computes them
+        for _ in range(args.attack_steps):
+            x_adv.requires_grad_(True)
+            with common.autocast(args.amp, x_nat.device):
+                logits_adv = student(x_adv)
+            if trades:
+                if args.attack_bn == "train":  # trades.py order, M^r(x') then M^r(x): here both move the BN statistics
+                    with torch.no_grad(), common.autocast(args.amp, x_nat.device):
+                        p_nat = F.softmax(student(x_nat).float(), dim=1)
+                loss = kl_div(p_nat, F.log_softmax(logits_adv.float(), dim=1), "sum")  # nn.KLDivLoss(size_average=False)
+            else:
+                loss = F.cross_entropy(logits_adv.float(), y, reduction="sum")  # D-ADT-4: CE summed over the batch
+            grad, = torch.autograd.grad(loss, x_adv)
+            x_adv = x_adv.detach() + args.attack_step * grad.sign()
+            x_adv = torch.min(torch.max(x_adv, x_nat - args.eps), x_nat + args.eps).clamp(0, 1)
     student.train()
     return x_adv.detach()
 
@@ -375,8 +376,8 @@ def main(argv=None):
         metrics = run.train_metrics(epoch, totals, n_seen, optimizer, *models)
         value = None
         if common.is_monitor_epoch(args, epoch):
-            m = common.monitor(student, test_data, cfg)
-            metrics.update(test_clean=m["clean"], test_robust=m["robust"])
+            m = common.monitor(student, test_data, cfg, tf32=args.monitor_tf32)
+            metrics.update(test_clean=m["clean"], test_robust=m["robust"], monitor_seconds=round(m["seconds"], 2))
             if peer is not None:
                 metrics["peer_clean"] = common.monitor(peer, test_data, None)["clean"]
             value = m["robust"]

@@ -102,14 +102,15 @@ def inner_max(student, x_nat, y, args):
     """
     student.train(args.attack_bn == "train")
     x_adv = random_start(x_nat, args.eps, args.rand_start)
-    for _ in range(args.attack_steps):
-        x_adv.requires_grad_(True)
-        with common.autocast(args.amp, x_nat.device):
-            logits_adv = student(x_adv)
-        loss = F.cross_entropy(logits_adv.float(), y, reduction="sum")
-        grad, = torch.autograd.grad(loss, x_adv)
-        x_adv = x_adv.detach() + args.attack_step * grad.sign()
-        x_adv = torch.min(torch.max(x_adv, x_nat - args.eps), x_nat + args.eps).clamp(0, 1)
+    with common.input_grad_only(student):  # no weight gradients: a compiled backward computes them
+        for _ in range(args.attack_steps):
+            x_adv.requires_grad_(True)
+            with common.autocast(args.amp, x_nat.device):
+                logits_adv = student(x_adv)
+            loss = F.cross_entropy(logits_adv.float(), y, reduction="sum")
+            grad, = torch.autograd.grad(loss, x_adv)
+            x_adv = x_adv.detach() + args.attack_step * grad.sign()
+            x_adv = torch.min(torch.max(x_adv, x_nat - args.eps), x_nat + args.eps).clamp(0, 1)
     student.train()
     return x_adv.detach()
 
@@ -131,6 +132,7 @@ def loss_fn(logits_adv, logits_nat, logits_teacher, y, args):
     """ARD's loss as main.py computes it; returns the loss and its logged terms."""
     tau = args.temp
     kl = kl_div(F.softmax(logits_teacher / tau, dim=1), F.log_softmax(logits_adv / tau, dim=1), args.kl_reduction)
+    kl = kl * common.global_sum_factor(args.kl_reduction)  # --kl-reduction sum under torchrun
     ce = F.cross_entropy(logits_nat, y)
     loss = args.alpha * tau * tau * kl + (1 - args.alpha) * ce  # weight 0 by default, but S(x) still ran
     return loss, {"loss": loss, "kl": kl, "ce": ce}
@@ -198,8 +200,8 @@ def main(argv=None):
         metrics = run.train_metrics(epoch, totals, n_seen, optimizer, student)
         value = None
         if common.is_monitor_epoch(args, epoch):
-            m = common.monitor(student, test_data, cfg)
-            metrics.update(test_clean=m["clean"], test_robust=m["robust"])
+            m = common.monitor(student, test_data, cfg, tf32=args.monitor_tf32)
+            metrics.update(test_clean=m["clean"], test_robust=m["robust"], monitor_seconds=round(m["seconds"], 2))
             value = m["robust"]
         run.end_epoch(epoch, metrics, student, optimizer, value=value, images=n_seen, seconds=timer.seconds)
 

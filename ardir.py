@@ -177,14 +177,15 @@ def teacher_inner_max(teacher, x_nat, y, args):
 def pgd_ce_sum(model, x_nat, y, args):
     """PGD on CE_sum(model(x'), y) with the random start, steps and radius of the flags; the last iterate."""
     x_adv = random_start(x_nat, args.eps, args.rand_start)
-    for _ in range(args.attack_steps):
-        x_adv.requires_grad_(True)
-        with common.autocast(args.amp, x_nat.device):
-            logits_adv = model(x_adv)
-        loss = F.cross_entropy(logits_adv.float(), y, reduction="sum")
-        grad, = torch.autograd.grad(loss, x_adv)
-        x_adv = x_adv.detach() + args.attack_step * grad.sign()
-        x_adv = torch.min(torch.max(x_adv, x_nat - args.eps), x_nat + args.eps).clamp(0, 1)
+    with common.input_grad_only(model):  # no weight gradients: a compiled backward computes them
+        for _ in range(args.attack_steps):
+            x_adv.requires_grad_(True)
+            with common.autocast(args.amp, x_nat.device):
+                logits_adv = model(x_adv)
+            loss = F.cross_entropy(logits_adv.float(), y, reduction="sum")
+            grad, = torch.autograd.grad(loss, x_adv)
+            x_adv = x_adv.detach() + args.attack_step * grad.sign()
+            x_adv = torch.min(torch.max(x_adv, x_nat - args.eps), x_nat + args.eps).clamp(0, 1)
     return x_adv.detach()
 
 
@@ -227,6 +228,7 @@ def loss_fn(logits_adv, feats_adv, logits_teacher, feats_teacher, y, args):
     if args.label_correction:  # D-ARDIR-3: the exact one-hot, not σ_t(onehot); the IR term is not corrected
         p_teacher = torch.where(wrong[:, None], F.one_hot(y, p_teacher.shape[1]).to(p_teacher.dtype), p_teacher)
     kl = kl_div(p_teacher, F.log_softmax(logits_adv / t, dim=1), args.kl_reduction)
+    kl = kl * common.global_sum_factor(args.kl_reduction)  # --kl-reduction sum under torchrun
     ir = ir_distance(feats_adv, feats_teacher, args).mean()
     t2 = t * t if args.t2 else 1.0  # D-ARDIR-7
     loss = (1 - args.beta) * t2 * kl + args.beta * ir  # beta = 0: ARD (RC/CC/RA) with label correction
@@ -280,11 +282,14 @@ def check_ir_layers(student, teacher, args, device):
             except AttributeError:
                 common.fail(f"--ir-layers {name}: the {role} {root.arch} has no such module; its stages: "
                             f"{','.join(root.stage_names) or 'none'} (e.g. --ir-layers {','.join(root.stage_names)})")
-        was_training = model.training
-        model.eval()
-        with torch.no_grad():
-            feats, _ = common.stage_outputs(model, torch.zeros(2, 3, 32, 32, device=device), args.ir_layers)
-        model.train(was_training)
+        was_training = root.training
+        root.eval()  # the module itself: a compiled model would compile a graph for this probe's shape
+        try:
+            with torch.no_grad():
+                feats, _ = common.stage_outputs(root, torch.zeros(2, 3, 32, 32, device=device), args.ir_layers)
+        except ValueError as e:
+            common.fail(f"--ir-layers: the {role}: {e}")
+        root.train(was_training)
         shapes[role] = [tuple(f.shape[1:]) if isinstance(f, torch.Tensor) and f.dim() == 4 else None for f in feats]
     for name, s, t in zip(args.ir_layers, shapes["student"], shapes["teacher"]):
         if s is None or t is None:
@@ -328,8 +333,8 @@ def main(argv=None):
         metrics = run.train_metrics(epoch, totals, n_seen, optimizer, student)
         value = None
         if common.is_monitor_epoch(args, epoch):
-            m = common.monitor(student, test_data, cfg)
-            metrics.update(test_clean=m["clean"], test_robust=m["robust"])
+            m = common.monitor(student, test_data, cfg, tf32=args.monitor_tf32)
+            metrics.update(test_clean=m["clean"], test_robust=m["robust"], monitor_seconds=round(m["seconds"], 2))
             value = m["robust"]
         run.end_epoch(epoch, metrics, student, optimizer, value=value, images=n_seen, seconds=timer.seconds)
 

@@ -160,6 +160,7 @@ def parse(p, argv=None, resolve=None, rules=None):
         args._resumed_changes = None
     else:
         args = _resumed_args(p, given)
+    args._test_batch_cpu = getattr(p, "test_batch_cpu", None)
     if resolve is not None:
         resolve(args)
     check_values(args, rules)
@@ -206,7 +207,11 @@ def add_run_args(p, *, monitor, eval_every=1, eval_all_from=None, eval_first=Fal
                         "train_32x32.mat); downloaded there through torchvision when absent")
     g.add_argument("--train-subset", type=positive_int, default=None, help="use the first N training images (smoke runs)")
     g.add_argument("--test-subset", type=positive_int, default=None, help="monitor on the first N test images (smoke runs)")
-    g.add_argument("--test-batch-size", type=positive_int, default=test_batch_size, help="batch size of the monitor")
+    g.add_argument("--test-batch-size", type=positive_int, default=None,
+                   help=f"batch size of the monitor (default: {test_batch_size} on the CPU, as the official code; "
+                        f"{GPU_TEST_BATCH} on a GPU, where a small batch leaves most of the device idle; the monitor's "
+                        "accuracies do not depend on it except through the random start's draws)")
+    p.test_batch_cpu = test_batch_size  # parse() hands it to setup_device through args
     g.add_argument("--seed", type=int, default=seed, help="seed of torch, numpy and random")
     g.add_argument("--runs-dir", default="runs", help="parent folder of the run folder")
     g.add_argument("--resume", default=None, metavar="LAST_PT", help="(set in parse)")
@@ -240,6 +245,10 @@ def add_run_args(p, *, monitor, eval_every=1, eval_all_from=None, eval_first=Fal
                    help=f"and at epoch 1 (default: {'on' if eval_first else 'off'})")
     g.add_argument("--eval-last", action=argparse.BooleanOptionalAction, default=True,
                    help="and at the final epoch (default: on)")
+    g.add_argument("--monitor-tf32", action="store_true",
+                   help="run the monitor with TF32 matmuls and convolutions (CUDA, Ampere and later): several times "
+                        "faster than fp32, but its logits move by ~1e-3 relative, so near-ties can flip and best.pt "
+                        "may select another epoch than the fp32 monitor would (default: fp32)")
     return p
 
 
@@ -271,6 +280,10 @@ def is_monitor_epoch(args, epoch):
 # ======================================================================================
 
 DATASETS = {"cifar10": 10, "cifar100": 100, "svhn": 10}
+
+# The monitor's batch on a GPU: PGD through a WRN-70-16 teacher (measure_teacher) at 256 images holds about
+# 20 GB of activations in fp32, which fits a 40 GB device; the ResNet-18 students keep an H100 busy at it.
+GPU_TEST_BATCH = 256
 
 NORMS = {  # docs/common.md §2
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616)),
@@ -441,8 +454,9 @@ def train_loader(args, batch_size, *, device, drop_last=False, pad=4):
 
 def test_loader(args, *, device, batch_size=None):
     x, y = load_split(args.dataset, args.data_dir, train=False, subset=args.test_subset)
-    return DeviceLoader(x, y, batch_size or args.test_batch_size, train=False, device=device,
-                        channels_last=args.channels_last)
+    batch_size = batch_size or args.test_batch_size or (
+        GPU_TEST_BATCH if torch.device(device).type == "cuda" else getattr(args, "_test_batch_cpu", None) or 128)
+    return DeviceLoader(x, y, batch_size, train=False, device=device, channels_last=args.channels_last)
 
 
 # ======================================================================================
@@ -470,7 +484,12 @@ def resolve_norm(norm):
 
 
 class _Net(nn.Module):
-    """Holds `mean`/`std` as non-persistent buffers (None when the model does not normalise): docs/common.md §2."""
+    """Holds `mean`/`std` as non-persistent buffers (None when the model does not normalise): docs/common.md §2.
+
+    `model(x)` returns the logits; `model(x, stages=names)` returns ([the output of each named module], logits)
+    from the same single pass. The outputs are collected by the forward itself, not by hooks, so that a
+    compiled or DDP-wrapped model returns them too (torch.compile does not guard on hooks). The modules a
+    forward can report: the stem convolution, every stage, every block of a stage (`layer1.0`), the head."""
     stage_names = ()
 
     def __init__(self, norm=None):
@@ -482,6 +501,44 @@ class _Net(nn.Module):
 
     def normalize(self, x):
         return x if self.mean is None else (x - self.mean) / self.std
+
+    def _stages(self, taps, x):
+        """The stages in order (each a child module named in stage_names)."""
+        for name in self.stage_names:
+            x = _run(taps, name, self._modules[name], x)
+        return x
+
+    def _result(self, logits, taps):
+        if taps is None:
+            return logits
+        missing = [n for n in taps["names"] if n not in taps["out"]]
+        if missing:
+            raise ValueError(f"{type(self).__name__} cannot report the output of {', '.join(missing)}; its stages: "
+                             f"{', '.join(self.stage_names)} (also: the stem, a block such as {self.stage_names[0]}.0, "
+                             "the head)")
+        return [taps["out"][n] for n in taps["names"]], logits
+
+
+def _taps(stages):
+    """What `forward(x, stages=...)` collects: None for a plain forward."""
+    return None if not stages else {"names": tuple(stages), "out": {}}
+
+
+def _run(taps, name, module, x):
+    """module(x), keeping the output under `name` when asked for; an nn.Sequential (or _Group) is run block
+    by block when one of its blocks (`name.i`) is asked for."""
+    if taps is not None and any(n.startswith(name + ".") for n in taps["names"]):
+        children = [(module.child, module._modules[module.child])] if isinstance(module, _Group) else (
+            list(module.named_children()) if isinstance(module, nn.Sequential) else [])
+        for child_name, child in children:
+            x = _run(taps, f"{name}.{child_name}", child, x)
+        if not children:
+            x = module(x)
+    else:
+        x = module(x)
+    if taps is not None and name in taps["names"]:
+        taps["out"][name] = x
+    return x
 
 
 def _conv3(cin, cout, stride=1):
@@ -561,10 +618,11 @@ class ResNet(_Net):
             self.add_module(f"layer{i + 1}", stage)
         self.linear = nn.Linear(c, num_classes)
 
-    def forward(self, x):
-        out = F.relu(self.bn1(self.conv1(self.normalize(x))))
-        out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
-        return self.linear(F.avg_pool2d(out, 4).flatten(1))
+    def forward(self, x, stages=()):
+        taps = _taps(stages)
+        out = F.relu(self.bn1(_run(taps, "conv1", self.conv1, self.normalize(x))))
+        out = self._stages(taps, out)
+        return self._result(_run(taps, "linear", self.linear, F.avg_pool2d(out, 4).flatten(1)), taps)
 
 
 class CifarResNet(_Net):
@@ -586,10 +644,11 @@ class CifarResNet(_Net):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
-    def forward(self, x):
-        out = F.relu(self.bn1(self.conv1(self.normalize(x))))
-        out = self.layer3(self.layer2(self.layer1(out)))
-        return self.fc(F.adaptive_avg_pool2d(out, 1).flatten(1))
+    def forward(self, x, stages=()):
+        taps = _taps(stages)
+        out = F.relu(self.bn1(_run(taps, "conv1", self.conv1, self.normalize(x))))
+        out = self._stages(taps, out)
+        return self._result(_run(taps, "fc", self.fc, F.adaptive_avg_pool2d(out, 1).flatten(1)), taps)
 
 
 # ---- PreActResNet-18 (§1.2) -----------------------------------------------------------------------
@@ -627,12 +686,13 @@ class PreActResNet18(_Net):
         self.bn = nn.BatchNorm2d(c) if final_bn else None
         self.linear = nn.Linear(c, num_classes)
 
-    def forward(self, x):
-        out = self.conv1(self.normalize(x))
-        out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
+    def forward(self, x, stages=()):
+        taps = _taps(stages)
+        out = _run(taps, "conv1", self.conv1, self.normalize(x))
+        out = self._stages(taps, out)
         if self.bn is not None:
-            out = F.relu(self.bn(out))
-        return self.linear(F.avg_pool2d(out, 4).flatten(1))
+            out = F.relu(_run(taps, "bn", self.bn, out))
+        return self._result(_run(taps, "linear", self.linear, F.avg_pool2d(out, 4).flatten(1)), taps)
 
 
 # ---- MobileNetV2, CIFAR variant (§1.3) ------------------------------------------------------------
@@ -672,10 +732,12 @@ class MobileNetV2(_Net):
         self.conv2, self.bn2 = nn.Conv2d(320, 1280, 1, bias=False), nn.BatchNorm2d(1280)
         self.linear = nn.Linear(1280, num_classes)
 
-    def forward(self, x):
-        out = self.layers(F.relu(self.bn1(self.conv1(self.normalize(x)))))
-        out = F.relu(self.bn2(self.conv2(out)))
-        return self.linear(F.avg_pool2d(out, 4).flatten(1))
+    def forward(self, x, stages=()):
+        taps = _taps(stages)
+        out = F.relu(self.bn1(_run(taps, "conv1", self.conv1, self.normalize(x))))
+        out = _run(taps, "layers", self.layers, out)  # the stages are blocks of `layers`
+        out = F.relu(self.bn2(_run(taps, "conv2", self.conv2, out)))
+        return self._result(_run(taps, "linear", self.linear, F.avg_pool2d(out, 4).flatten(1)), taps)
 
 
 # ---- WideResNet-34-10, TRADES flavour (§1.4) ------------------------------------------------------
@@ -719,12 +781,15 @@ class WideResNet(_Net):
                 m.bias.data.zero_()
             elif isinstance(m, nn.Linear):
                 m.bias.data.zero_()
+        if sub_block1:  # no forward uses it: it takes no gradient (and DDP then expects none), as in TRADES' runs
+            self.sub_block1.requires_grad_(False)
 
-    def forward(self, x):
-        out = self.conv1(self.normalize(x))
-        out = self.block3(self.block2(self.block1(out)))
+    def forward(self, x, stages=()):
+        taps = _taps(stages)
+        out = _run(taps, "conv1", self.conv1, self.normalize(x))
+        out = self._stages(taps, out)  # sub_block1 is not among them: never called
         out = F.relu(self.bn1(out))
-        return self.fc(F.avg_pool2d(out, 8).flatten(1))
+        return self._result(_run(taps, "fc", self.fc, F.avg_pool2d(out, 8).flatten(1)), taps)
 
 
 # ---- WideResNet, DeepMind flavour (§1.5) ----------------------------------------------------------
@@ -769,12 +834,14 @@ class DMWideResNet(_Net):
         self.logits = nn.Linear(w[3], num_classes)
         self.act = _ACTIVATIONS[activation]
 
-    def forward(self, x):
+    def forward(self, x, stages=()):
+        taps = _taps(stages)
         if self.padding > 0:  # DeepMind pads before normalising
             x = F.pad(x, (self.padding,) * 4)
-        out = self.layer(self.init_conv(self.normalize(x)))
+        out = _run(taps, "init_conv", self.init_conv, self.normalize(x))
+        out = _run(taps, "layer", self.layer, out)  # the stages are layer.0, layer.1, layer.2
         out = self.act(self.batchnorm(out))
-        return self.logits(F.avg_pool2d(out, 8).flatten(1))
+        return self._result(_run(taps, "logits", self.logits, F.avg_pool2d(out, 8).flatten(1)), taps)
 
 
 # ---- cnn_small: suite-only model for CPU demos and tests ------------------------------------------
@@ -791,9 +858,11 @@ class SmallCNN(_Net):
             c = w
         self.linear = nn.Linear(c * (32 >> len(widths)) ** 2, num_classes)
 
-    def forward(self, x):
-        out = self.layer3(self.layer2(self.layer1(self.normalize(x))))
-        return self.linear(out.flatten(1))
+    def forward(self, x, stages=()):
+        taps = _taps(stages)
+        out = self.normalize(x)
+        out = self._stages(taps, out)
+        return self._result(_run(taps, "linear", self.linear, out.flatten(1)), taps)
 
 
 # ---- registry -------------------------------------------------------------------------------------
@@ -837,25 +906,19 @@ def build_model(arch, num_classes=10, norm="default", **arch_kwargs):
 
 
 def stage_outputs(model, x, names=None):
-    """One forward of `model` on x; returns ([output of each module in `names`], logits).
+    """One forward of `model` on x; returns ([output of each module in `names`], logits), through any
+    torch.compile or DDP wrapper (`model(x, stages=names)`, docs/common.md §1.2).
 
-    `names` defaults to model.stage_names; any module path works (e.g. 'conv1')."""
-    root = unwrap_model(model)  # hooks on the module itself, under a torch.compile or DDP wrapper
+    `names` defaults to model.stage_names; the stem (e.g. 'conv1'), a block ('layer1.0') and the head work too."""
+    root = unwrap_model(model)
     names = tuple(root.stage_names if names is None else names)
-    feats, hooks = {}, []
-    try:
-        for name in names:
-            try:
-                module = root.get_submodule(name)
-            except AttributeError:
-                raise ValueError(f"{type(root).__name__} has no module {name!r}; "
-                                 f"its stages: {', '.join(root.stage_names)}") from None
-            hooks.append(module.register_forward_hook(lambda m, inp, out, name=name: feats.__setitem__(name, out)))
-        logits = model(x)
-    finally:
-        for h in hooks:
-            h.remove()
-    return [feats[n] for n in names], logits
+    for name in names:
+        try:
+            root.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"{type(root).__name__} has no module {name!r}; "
+                             f"its stages: {', '.join(root.stage_names)}") from None
+    return model(x, stages=names)
 
 
 # ======================================================================================
@@ -1166,6 +1229,8 @@ def seed_everything(seed, deterministic=False):
     np.random.seed(seed)
     torch.manual_seed(seed)  # also seeds every CUDA device
     if deterministic:
+        # cuBLAS is deterministic only with a fixed workspace; read when its first handle is made, i.e. later
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.backends.cudnn.deterministic = True
         torch.backends.cudnn.benchmark = False
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -1182,6 +1247,8 @@ def setup_device(args):
     name = join_process_group(name)
     if name.startswith("cuda"):  # TF32 exists on CUDA only; leaving the flags alone elsewhere spares recompiles
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = not args.no_tf32
+    if getattr(args, "test_batch_size", 0) is None:  # --test-batch-size sized for the device (docs/common.md §7)
+        args.test_batch_size = GPU_TEST_BATCH if name.startswith("cuda") else getattr(args, "_test_batch_cpu", None) or 128
     return torch.device(name)
 
 
@@ -1215,11 +1282,18 @@ def autocast(amp, device):
     return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=amp == "bf16")
 
 
+# torch.compile's backend. Tests on CPU set "aot_eager" (the same Dynamo capture and AOTAutograd graphs,
+# no code generation); every user-facing run keeps inductor.
+COMPILE_BACKEND = "inductor"
+
+
 def compile_model(model, args):
-    """torch.compile with --compile-mode. Teacher, student, their train and eval modes, grad and no-grad
-    passes, the last partial batch and the monitor's TF32 setting each add a cache entry for the same
-    forward code; the recompile limit is raised so that these entries stay cached side by side instead
-    of falling back to eager after eight (torch's default)."""
+    """torch.compile with --compile-mode and static shapes (dynamic=False): a batch of another size (the
+    last partial training batch) gets a graph of its own instead of turning every graph dynamic, and the
+    monitor pads its last batch (`monitor`), so a run compiles a bounded set of graphs, each once. The
+    modes of one forward code (teacher and student, train and eval BatchNorm, attack passes without
+    parameter gradients, loss passes with them, the last partial batch) stay cached side by side: the
+    recompile limit is raised from torch's eight so that none falls back to eager."""
     config = torch._dynamo.config
     for name in ("recompile_limit", "cache_size_limit"):
         if hasattr(config, name):
@@ -1228,7 +1302,8 @@ def compile_model(model, args):
         config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 512)
     elif hasattr(config, "accumulated_cache_size_limit"):
         config.accumulated_cache_size_limit = max(config.accumulated_cache_size_limit, 512)
-    return torch.compile(model, mode=None if args.compile_mode == "default" else args.compile_mode)
+    mode = None if args.compile_mode == "default" or COMPILE_BACKEND != "inductor" else args.compile_mode
+    return torch.compile(model, backend=COMPILE_BACKEND, mode=mode, dynamic=False)
 
 
 def prepare_model(model, args, device):
@@ -1249,8 +1324,9 @@ def prepare_student(model, args, device):
     if world()[1] > 1 and args.sync_bn:
         model = sync_batchnorm(model, device)
     model = prepare_model(model, args, device)
-    if world()[1] > 1:
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    if world()[1] > 1:  # buffers: broadcast_buffers, once before each step and before the monitor, not at every forward
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
+                                                    broadcast_buffers=False)
     return model
 
 
@@ -1325,6 +1401,12 @@ def sync_batchnorm(model, device):
     return model
 
 
+def global_sum_factor(reduction):
+    """A loss summed over the batch (reduction "sum") adds up this rank's slice only, and DDP averages the
+    ranks' gradients: times the world size it is the one-process sum over the global batch. 1 otherwise."""
+    return world()[1] if reduction == "sum" else 1
+
+
 def all_mean(t):
     """Mean of a tensor over the ranks (the tensor itself outside torchrun); a collective on every rank."""
     return all_sum(t) / world()[1] if world()[1] > 1 else t
@@ -1343,6 +1425,21 @@ def freeze(model):
     model.eval()
     model.requires_grad_(False)
     return model
+
+
+@contextlib.contextmanager
+def input_grad_only(model):
+    """Inside: the parameters of `model` do not require grad; on exit they are as before. For every attack
+    on a trained model: torch.autograd.grad(loss, x_adv) prunes the weight gradients in eager mode, but a
+    compiled model's backward (AOTAutograd) returns a gradient for every input that requires one, which
+    is about half the arithmetic of each attack step."""
+    grads = [p.requires_grad for p in model.parameters()]
+    model.requires_grad_(False)
+    try:
+        yield model
+    finally:
+        for p, g in zip(model.parameters(), grads):
+            p.requires_grad_(g)
 
 
 def unwrap_model(model):
@@ -1515,7 +1612,7 @@ class Run:
         start = last = time.perf_counter()
         global_batch = min(loader.batch_size, len(loader.y))
         for b, batch in enumerate(loader.epoch(epoch), 1):
-            _broadcast_buffers(self._models)
+            broadcast_buffers(*self._models)
             yield batch
             now = time.perf_counter()
             if every and now - last >= every and b < total:
@@ -1594,24 +1691,42 @@ class Run:
         for k, v in r.items():
             if k in ("epoch", "seconds", "images_per_s", "best_epoch", "best_value") or v is None:
                 continue
+            if k == "monitor_seconds":
+                continue
             if isinstance(v, float):
                 parts.append(f"{k} {100 * v:.2f}" if k.endswith(("clean", "robust", "acc")) else f"{k} {v:.4g}")
         if "images_per_s" in r:
             parts.append(f"{r['images_per_s']:.0f} img/s")
         if self.epoch_walls:
             eta = sum(self.epoch_walls) / len(self.epoch_walls) * (total - r["epoch"])
-            parts.append(f"{r.get('seconds', 0):.1f}s ETA {datetime.timedelta(seconds=round(eta))}")
+            monitor_s = f" + monitor {r['monitor_seconds']:.1f}s" if r.get("monitor_seconds") is not None else ""
+            parts.append(f"{r.get('seconds', 0):.1f}s{monitor_s} ETA {datetime.timedelta(seconds=round(eta))}")
         return "  ".join(parts)
 
 
-def _broadcast_buffers(models):
-    """Under torchrun, every rank takes rank 0's BatchNorm statistics before a step, as nn.DataParallel's
-    replicas took device 0's: the attack then sees the same statistics on every rank, and last.pt
-    (rank 0's) holds the whole state a resumed run needs."""
-    if world()[1] > 1:
-        for m in models:
-            for b in unwrap_model(m).buffers():
-                dist.broadcast(b, 0)
+def broadcast_buffers(*models):
+    """Under torchrun, every rank takes rank 0's buffers (BatchNorm statistics), as nn.DataParallel's
+    replicas took device 0's: the attack and the monitor then see the same statistics on every rank, and
+    last.pt (rank 0's) holds the whole state a resumed run needs. One collective for all buffers of all
+    models, bit for bit (their bytes, packed). Under --sync-bn every rank already holds the same statistics:
+    nothing to do. A no-op outside torchrun."""
+    if world()[1] == 1:
+        return
+    buffers = [b for m in models if not _synced_bn(m) for b in unwrap_model(m).buffers()]
+    if not buffers:
+        return
+    flat = torch.cat([b.detach().reshape(-1).view(torch.uint8) for b in buffers])
+    dist.broadcast(flat, 0)
+    offset = 0
+    for b in buffers:
+        n = b.numel() * b.element_size()
+        b.copy_(flat[offset:offset + n].clone().view(b.dtype).view(b.shape))  # clone: aligned for the dtype
+        offset += n
+
+
+def _synced_bn(model):
+    """True when the model's BatchNorm layers compute their statistics over the global batch (--sync-bn)."""
+    return any(isinstance(m, (nn.SyncBatchNorm, _SyncBatchNorm2d)) for m in unwrap_model(model).modules())
 
 
 def _rng_states_of_all_ranks():
@@ -1646,7 +1761,7 @@ def json_dumps(obj, **kw):
 def measure_teacher(run, teacher, test_data, cfg, prefix="teacher"):
     """Clean and monitor accuracy of a frozen teacher, once, before training (docs/conventions.md "Teachers");
     logged as epoch 0 under `<prefix>/...` so that a wrong checkpoint or normalisation shows at once."""
-    m = monitor(teacher, test_data, cfg)
+    m = monitor(teacher, test_data, cfg, tf32=getattr(run.args, "monitor_tf32", False))
     record = {f"{prefix}/clean": m["clean"], f"{prefix}/robust": m["robust"]}
     run.log({"epoch": 0, **record})
     robust = "" if m["robust"] is None else f", {run.args.monitor} {100 * m['robust']:.2f}%"
@@ -1729,20 +1844,20 @@ def monitor_config(name, dataset):
 
 
 @contextlib.contextmanager
-def fp32_eval(model):
-    """eval() mode, frozen parameters, TF32 off, autocast off; everything restored on exit."""
+def fp32_eval(model, tf32=False):
+    """eval() mode, frozen parameters, TF32 off (unless `tf32`), autocast off; everything restored on exit."""
     was_training = model.training
     grads = [p.requires_grad for p in model.parameters()]
-    tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    saved_tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
     model.eval()
     model.requires_grad_(False)
-    if any(tf32):  # switched only when on: a compiled model then keeps one cache entry per setting in use
+    if any(saved_tf32) and not tf32:  # switched only when on: a compiled model then keeps one cache entry per setting
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     try:
         with torch.autocast(device_type="cuda", enabled=False), torch.autocast(device_type="cpu", enabled=False):
             yield model
     finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved_tf32
         for p, g in zip(model.parameters(), grads):
             p.requires_grad_(g)
         model.train(was_training)
@@ -1763,28 +1878,42 @@ def _monitor_pgd(model, x, y, eps, steps, step, start, loss, noise):
     return x_adv
 
 
-def monitor(model, loader, cfg, seed=0):
-    """Clean and robust test accuracy (fractions of all points), fp32, eval() mode; cfg None = clean only.
+def monitor(model, loader, cfg, seed=0, tf32=False):
+    """Clean and robust test accuracy (fractions of all points), fp32 (TF32 only with `tf32`: --monitor-tf32),
+    eval() mode; cfg None = clean only. Also returns the seconds it took (device work included).
 
     The random starts come from a generator seeded with `seed` (the same noise at every call, and no
-    draw from the training run's generator). Under torchrun the ranks share the test batches round
-    robin, every rank draws every batch's noise, and the counts are all-reduced: the numbers equal
-    the single-process ones exactly."""
+    draw from the training run's generator). Under torchrun every rank first takes rank 0's BatchNorm
+    statistics, the ranks share the test batches round robin, every rank draws every batch's noise, and
+    the counts are all-reduced: the numbers equal the single-process ones exactly. A compiled model
+    sees one batch shape only: the last, partial batch is padded with copies of its last image, which
+    are not counted (eval mode: each image's result is its own)."""
     model = local(model)  # the attack takes input gradients only: no DDP wrapper
+    broadcast_buffers(model)
     rank, world_size = world()
     g = torch.Generator(device=loader.device).manual_seed(epoch_seed(seed, 0))
     counts = torch.zeros(3, dtype=torch.float64, device=loader.device)  # clean, robust, n
-    with fp32_eval(model):
+    pad_to = loader.batch_size if hasattr(model, "_orig_mod") else 0
+    with EpochTimer(loader.device) as timer, fp32_eval(model, tf32):
         for b, (x, y) in enumerate(loader):
             noise = None if cfg is None else torch.empty_like(x).uniform_(-cfg["eps"], cfg["eps"], generator=g)
             if b % world_size != rank:
                 continue
+            n = len(y)
+            if n < pad_to:
+                x, y, noise = (None if t is None else _pad_batch(t, pad_to, loader.memory_format) for t in (x, y, noise))
             with torch.no_grad():
-                counts[0] += (model(x).argmax(1) == y).sum()
+                counts[0] += (model(x).argmax(1) == y)[:n].sum()
             if cfg is not None:
                 x_adv = _monitor_pgd(model, x, y, **cfg, noise=noise)
                 with torch.no_grad():
-                    counts[1] += (model(x_adv).argmax(1) == y).sum()
-            counts[2] += len(y)
-    clean, robust, n = all_sum(counts).tolist()
-    return {"clean": clean / n, "robust": robust / n if cfg is not None else None}
+                    counts[1] += (model(x_adv).argmax(1) == y)[:n].sum()
+            counts[2] += n
+        clean, robust, n = all_sum(counts).tolist()
+    return {"clean": clean / n, "robust": robust / n if cfg is not None else None, "seconds": timer.seconds}
+
+
+def _pad_batch(t, size, memory_format):
+    """t with copies of its last row appended up to `size` rows (images keep the loader's memory format)."""
+    t = torch.cat([t, t[-1:].expand(size - len(t), *t.shape[1:])])
+    return t.contiguous(memory_format=memory_format) if t.dim() == 4 else t

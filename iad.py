@@ -152,14 +152,15 @@ def inner_max(student, x_nat, y, args):
     """
     student.train(args.attack_bn == "train")
     x_adv = random_start(x_nat, args.eps, args.rand_start)
-    for _ in range(args.attack_steps):
-        x_adv.requires_grad_(True)
-        with common.autocast(args.amp, x_nat.device):
-            logits_adv = student(x_adv)
-        loss = F.cross_entropy(logits_adv.float(), y, reduction="sum")
-        grad, = torch.autograd.grad(loss, x_adv)
-        x_adv = x_adv.detach() + args.attack_step * grad.sign()
-        x_adv = torch.min(torch.max(x_adv, x_nat - args.eps), x_nat + args.eps).clamp(0, 1)
+    with common.input_grad_only(student):  # no weight gradients: a compiled backward computes them
+        for _ in range(args.attack_steps):
+            x_adv.requires_grad_(True)
+            with common.autocast(args.amp, x_nat.device):
+                logits_adv = student(x_adv)
+            loss = F.cross_entropy(logits_adv.float(), y, reduction="sum")
+            grad, = torch.autograd.grad(loss, x_adv)
+            x_adv = x_adv.detach() + args.attack_step * grad.sign()
+            x_adv = torch.min(torch.max(x_adv, x_nat - args.eps), x_nat + args.eps).clamp(0, 1)
     student.train()
     return x_adv.detach()
 
@@ -326,8 +327,8 @@ def main(argv=None):
         metrics = run.train_metrics(epoch, totals, n_seen, optimizer, student)
         value = None
         if common.is_monitor_epoch(args, epoch):
-            m = common.monitor(student, test_data, cfg)
-            metrics.update(test_clean=m["clean"], test_robust=m["robust"])
+            m = common.monitor(student, test_data, cfg, tf32=args.monitor_tf32)
+            metrics.update(test_clean=m["clean"], test_robust=m["robust"], monitor_seconds=round(m["seconds"], 2))
             value = m["robust"]
         run.end_epoch(epoch, metrics, student, optimizer, value=value, images=n_seen, seconds=timer.seconds)
 

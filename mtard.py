@@ -129,14 +129,15 @@ def inner_max(student, x_nat, y, args):
     """
     student.train(args.attack_bn == "train")
     x_adv = random_start(x_nat, args.eps, args.rand_start)
-    for _ in range(args.attack_steps):
-        x_adv.requires_grad_(True)
-        with common.autocast(args.amp, x_nat.device):
-            logits_adv = student(x_adv)
-        loss = F.cross_entropy(logits_adv.float(), y)
-        grad, = torch.autograd.grad(loss, x_adv)
-        x_adv = x_adv.detach() + args.attack_step * grad.sign()
-        x_adv = torch.min(torch.max(x_adv, x_nat - args.eps), x_nat + args.eps).clamp(0, 1)
+    with common.input_grad_only(student):  # no weight gradients: a compiled backward computes them
+        for _ in range(args.attack_steps):
+            x_adv.requires_grad_(True)
+            with common.autocast(args.amp, x_nat.device):
+                logits_adv = student(x_adv)
+            loss = F.cross_entropy(logits_adv.float(), y)
+            grad, = torch.autograd.grad(loss, x_adv)
+            x_adv = x_adv.detach() + args.attack_step * grad.sign()
+            x_adv = torch.min(torch.max(x_adv, x_nat - args.eps), x_nat + args.eps).clamp(0, 1)
     student.train()
     return x_adv.detach()
 
@@ -190,7 +191,8 @@ def loss_fn(logits_adv, logits_nat, logits_adv_teacher, logits_nat_teacher, anl,
 def train_step(student, adv_teacher, nat_teacher, optimizer, x_nat, y, anl, args):
     """One batch: T_nat(x), the inner maximisation, then the ledger S(x'), S(x) in train mode; T_adv(x')."""
     with torch.no_grad(), common.autocast(args.amp, x_nat.device):
-        logits_nat_teacher = nat_teacher(x_nat).float()
+        # a copy, since a compiled teacher's output lives in CUDA-graph memory that the attack's calls reuse
+        logits_nat_teacher = nat_teacher(x_nat).float().clone()
     x_adv = inner_max(common.local(student), x_nat, y, args)
     with common.autocast(args.amp, x_nat.device):  # two separate passes, each with its own batch statistics
         logits_adv = student(x_adv).float()
@@ -264,9 +266,10 @@ def main(argv=None):
         metrics["r_w"] = anl["r_w"]
         value = None
         if common.is_monitor_epoch(args, epoch):
-            m = common.monitor(student, test_data, cfg)
+            m = common.monitor(student, test_data, cfg, tf32=args.monitor_tf32)
             wrobust = (m["clean"] + m["robust"]) / 2 if m["robust"] is not None else None  # MTARD W-Robust
-            metrics.update(test_clean=m["clean"], test_robust=m["robust"], test_wrobust=wrobust)
+            metrics.update(test_clean=m["clean"], test_robust=m["robust"], test_wrobust=wrobust,
+                           monitor_seconds=round(m["seconds"], 2))
             value = wrobust if args.select == "wrobust" else m["robust"]
         extra = {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in anl.items()}
         run.end_epoch(epoch, metrics, student, optimizer, value=value, extra=extra, images=n_seen,

@@ -110,17 +110,18 @@ def inner_max(student, x_nat, y, logits_teacher, args):
     student.train(args.attack_bn == "train")
     p_teacher = F.softmax(logits_teacher, dim=1)
     x_adv = random_start(x_nat, args.eps, args.rand_start)
-    for _ in range(args.attack_steps):
-        x_adv.requires_grad_(True)
-        with common.autocast(args.amp, x_nat.device):
-            logits_adv = student(x_adv)
-        if args.inner == "rslad":
-            loss = kl_div(p_teacher, F.log_softmax(logits_adv.float(), dim=1), "sum")
-        else:
-            loss = F.cross_entropy(logits_adv.float(), y, reduction="sum")  # ARD main.py AttackPGD
-        grad, = torch.autograd.grad(loss, x_adv)
-        x_adv = x_adv.detach() + args.attack_step * grad.sign()
-        x_adv = torch.min(torch.max(x_adv, x_nat - args.eps), x_nat + args.eps).clamp(0, 1)
+    with common.input_grad_only(student):  # no weight gradients: a compiled backward computes them
+        for _ in range(args.attack_steps):
+            x_adv.requires_grad_(True)
+            with common.autocast(args.amp, x_nat.device):
+                logits_adv = student(x_adv)
+            if args.inner == "rslad":
+                loss = kl_div(p_teacher, F.log_softmax(logits_adv.float(), dim=1), "sum")
+            else:
+                loss = F.cross_entropy(logits_adv.float(), y, reduction="sum")  # ARD main.py AttackPGD
+            grad, = torch.autograd.grad(loss, x_adv)
+            x_adv = x_adv.detach() + args.attack_step * grad.sign()
+            x_adv = torch.min(torch.max(x_adv, x_nat - args.eps), x_nat + args.eps).clamp(0, 1)
     student.train()
     return x_adv.detach()
 
@@ -146,9 +147,10 @@ def log_softmax(logits, args):
 def loss_fn(logits_adv, logits_nat, logits_teacher, args):
     """RSLAD Eq. 3 as the official scripts compute it; returns the loss and its logged terms."""
     p_teacher = F.softmax(logits_teacher, dim=1)
+    k = args.kl_scale * common.global_sum_factor(args.kl_reduction)  # --kl-reduction sum under torchrun
     # official kl_loss: p * (log(p + 1e-5) - log q), then torch.mean over B x C (elemmean), times k
-    kl_adv = args.kl_scale * kl_div(p_teacher, log_softmax(logits_adv, args), args.kl_reduction, eps=1e-5)
-    kl_nat = args.kl_scale * kl_div(p_teacher, log_softmax(logits_nat, args), args.kl_reduction, eps=1e-5)
+    kl_adv = k * kl_div(p_teacher, log_softmax(logits_adv, args), args.kl_reduction, eps=1e-5)
+    kl_nat = k * kl_div(p_teacher, log_softmax(logits_nat, args), args.kl_reduction, eps=1e-5)
     loss = args.alpha * kl_adv + (1 - args.alpha) * kl_nat  # RSLAD Eq. 3 outer, alpha = 5/6
     return loss, {"loss": loss, "kl_adv": kl_adv, "kl_nat": kl_nat}
 
@@ -162,9 +164,12 @@ def loss_fn_ard(logits_adv, logits_nat, logits_teacher, args):
 
 def train_step(student, teacher, optimizer, x_nat, y, args):
     """One batch: T(x) once, the inner maximisation, then the ledger S(x'), S(x) in train mode."""
-    with torch.no_grad(), common.autocast(args.amp, x_nat.device):
+    # D-RSLAD-1 alternative: a half teacher runs outside bf16 autocast (its BatchNorm would get bf16 inputs)
+    with torch.no_grad(), common.autocast(args.amp if args.teacher_dtype == "fp32" else "off", x_nat.device):
         x_t = x_nat.half() if args.teacher_dtype == "fp16" else x_nat
-        logits_teacher = teacher(x_t).float()  # serves the attack and both loss terms
+        # serves the attack and both loss terms; a copy, since a compiled teacher's output lives in CUDA-graph
+        # memory that the attack's calls reuse (--compile-mode reduce-overhead)
+        logits_teacher = teacher(x_t).float().clone()
     x_adv = inner_max(common.local(student), x_nat, y, logits_teacher, args)
     with common.autocast(args.amp, x_nat.device):  # two separate passes, each with its own batch statistics
         logits_adv = student(x_adv).float()
@@ -221,8 +226,8 @@ def main(argv=None):
         metrics = run.train_metrics(epoch, totals, n_seen, optimizer, student)
         value = None
         if common.is_monitor_epoch(args, epoch):
-            m = common.monitor(student, test_data, cfg)
-            metrics.update(test_clean=m["clean"], test_robust=m["robust"])
+            m = common.monitor(student, test_data, cfg, tf32=args.monitor_tf32)
+            metrics.update(test_clean=m["clean"], test_robust=m["robust"], monitor_seconds=round(m["seconds"], 2))
             value = m["robust"]
         run.end_epoch(epoch, metrics, student, optimizer, value=value, images=n_seen, seconds=timer.seconds)
 

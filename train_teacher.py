@@ -23,7 +23,6 @@ Smoke run on CPU:
 """
 
 import math
-import time
 
 import torch
 import torch.nn.functional as F
@@ -131,17 +130,18 @@ def inner_max(student, x_nat, y, args):
         with torch.no_grad(), common.autocast(args.amp, x_nat.device):
             p_nat = F.softmax(student(x_nat).float(), dim=1)  # trades.py recomputes f(x) each step; constant in eval()
     x_adv = random_start(x_nat, args.eps, args.rand_start)
-    for _ in range(args.attack_steps):
-        x_adv.requires_grad_(True)
-        with common.autocast(args.amp, x_nat.device):
-            logits_adv = student(x_adv)
-        if args.kind == "trades":
-            loss = F.kl_div(F.log_softmax(logits_adv.float(), dim=1), p_nat, reduction="sum")  # TRADES trades.py
-        else:
-            loss = F.cross_entropy(logits_adv.float(), y, reduction="sum" if args.attack_loss == "ce_sum" else "mean")
-        grad, = torch.autograd.grad(loss, x_adv)
-        x_adv = x_adv.detach() + args.attack_step * grad.sign()
-        x_adv = torch.min(torch.max(x_adv, x_nat - args.eps), x_nat + args.eps).clamp(0, 1)
+    with common.input_grad_only(student):  # no weight gradients: a compiled backward computes them
+        for _ in range(args.attack_steps):
+            x_adv.requires_grad_(True)
+            with common.autocast(args.amp, x_nat.device):
+                logits_adv = student(x_adv)
+            if args.kind == "trades":
+                loss = F.kl_div(F.log_softmax(logits_adv.float(), dim=1), p_nat, reduction="sum")  # TRADES trades.py
+            else:
+                loss = F.cross_entropy(logits_adv.float(), y, reduction="sum" if args.attack_loss == "ce_sum" else "mean")
+            grad, = torch.autograd.grad(loss, x_adv)
+            x_adv = x_adv.detach() + args.attack_step * grad.sign()
+            x_adv = torch.min(torch.max(x_adv, x_nat - args.eps), x_nat + args.eps).clamp(0, 1)
     student.train()
     return x_adv.clamp(0, 1).detach()
 
@@ -235,10 +235,8 @@ def main(argv=None):
         metrics = {**run.train_metrics(epoch, totals, n_seen, optimizer, student), "train_acc": float(correct) / n_seen}
         value = None
         if common.is_monitor_epoch(args, epoch):
-            t0 = time.perf_counter()
-            m = common.monitor(student, test_data, cfg)
-            metrics.update({"test_clean": m["clean"], "test_robust": m["robust"],
-                            "monitor_seconds": round(time.perf_counter() - t0, 2)})
+            m = common.monitor(student, test_data, cfg, tf32=args.monitor_tf32)
+            metrics.update(test_clean=m["clean"], test_robust=m["robust"], monitor_seconds=round(m["seconds"], 2))
             value = m["clean"] if cfg is None else m["robust"]
         run.end_epoch(epoch, metrics, student, optimizer, value=value, images=n_seen, seconds=timer.seconds)
 

@@ -18,6 +18,7 @@ from conftest import (
 from test_rslad import np_kl_terms, np_log_softmax, random_logits, setup_models
 
 import ard
+import common
 
 
 def args_for(*extra):
@@ -30,7 +31,10 @@ def test_defaults():
     assert (a.arch, a.alpha, a.temp, a.kl_reduction, a.ce_input) == ("mobilenet_v2", 1.0, 30.0, "elemmean", "clean")
     assert (a.epochs, a.batch_size, a.lr, a.momentum, a.wd, a.lr_schedule) == (200, 128, 0.1, 0.9, 2e-4, "code")
     assert (a.eps, a.attack_step, a.attack_steps, a.attack_bn, a.rand_start) == (8 / 255, 2 / 255, 10, "train", "uniform")
-    assert (a.monitor, a.eval_every, a.seed, a.test_batch_size) == ("pgd10-ard", 1, 0, 100)
+    assert (a.monitor, a.eval_every, a.seed, a.test_batch_size) == ("pgd10-ard", 1, 0, None)
+    a.device = "cpu"
+    common.setup_device(a)  # the monitor's batch is sized for the device: ARD's test loader's 100 on the CPU
+    assert a.test_batch_size == 100
     assert args_for("--dataset", "cifar100").batch_size == 256  # main.py's CIFAR-100 loader
     assert args_for("--dataset", "cifar100", "--batch-size", "64").batch_size == 64
 

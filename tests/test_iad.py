@@ -54,7 +54,10 @@ def test_defaults_and_warm_up_per_variant_and_dataset():
     assert (a.epochs, a.batch_size, a.lr, a.momentum, a.wd, a.lr_schedule, a.lr_milestones) == (
         200, 128, 0.1, 0.9, 2e-4, "code", None)
     assert (a.eps, a.attack_step, a.attack_steps, a.attack_bn, a.rand_start) == (8 / 255, 2 / 255, 10, "train", "uniform")
-    assert (a.monitor, a.eval_every, a.seed, a.test_batch_size, a.teacher_st) == ("pgd10-ard", 1, 1, 128, None)
+    assert (a.monitor, a.eval_every, a.seed, a.test_batch_size, a.teacher_st) == ("pgd10-ard", 1, 1, None, None)
+    a.device = "cpu"
+    common.setup_device(a)  # the monitor's batch is sized for the device: 128 on the CPU, as IAD's scripts
+    assert a.test_batch_size == 128
     b = args_for(variant="iad2")
     assert (b.alpha1, b.alpha2, b.begin, b.teacher_st) == (0.5, 0.25, 40, "st.pt")
     assert args_for("--dataset", "cifar100").begin == 80 == args_for("--dataset", "cifar100", variant="iad2").begin

@@ -62,7 +62,8 @@ def frozen(arch, n, args, device):
 
 def build(method, module, args, device):
     """Models, optimiser and a step closure `step(x, y)` for `method`, as its main() builds them (random
-    weights; the teachers' architectures from the flags or the method's defaults)."""
+    weights; the teachers' architectures from the flags or the method's defaults). `step.student` is the
+    trained model."""
     n = common.DATASETS[args.dataset]
     c100 = args.dataset == "cifar100"
     student = common.prepare_student(common.build_model(args.arch, n), args, device)
@@ -76,7 +77,7 @@ def build(method, module, args, device):
             loss.backward()
             optimizer.step()
             return terms
-        return step
+        return _with_student(step, student)
     if method == "adt_aodt":
         params = list(student.parameters())
         if args.method == "aodt":
@@ -86,21 +87,26 @@ def build(method, module, args, device):
             arch = args.teacher[0].split(":")[0] if args.teacher and ":" in args.teacher[0] else "wrn34_10"
             teacher = module.MeanLogits([frozen(arch, n, args, device)])
         optimizer = common.sgd(params, args.lr, args.momentum, args.wd)
-        return lambda x, y: module.train_step(student, teacher, optimizer, x, y, args)
+        return _with_student(lambda x, y: module.train_step(student, teacher, optimizer, x, y, args), student)
     optimizer = common.sgd(student.parameters(), args.lr, args.momentum, args.wd)
     if method == "mtard":
         adv = frozen(args.adv_teacher_arch or module.TEACHER_ARCHS["adv_teacher"][args.dataset], n, args, device)
         nat = frozen(args.nat_teacher_arch or module.TEACHER_ARCHS["nat_teacher"][args.dataset], n, args, device)
         anl = module.anl_state(args, device)
-        return lambda x, y: module.train_step(student, adv, nat, optimizer, x, y, anl, args)
+        return _with_student(lambda x, y: module.train_step(student, adv, nat, optimizer, x, y, anl, args), student)
     default = {"rslad": "dm_wrn70_16" if c100 else "wrn34_10", "ard": "dm_wrn70_16" if c100 else "wrn34_10",
                "iad": "resnet18", "ardir": "preact_resnet18"}[method]
     teacher = frozen(args.teacher_arch or default, n, args, device)
     if method == "iad":  # the step after the warm-up: the longest ledger
         st = frozen(args.teacher_st_arch or "resnet18", n, args, device) if args.variant in ("iad2", "akd2") else None
         epoch = (args.begin or 0) + 1
-        return lambda x, y: module.train_step(student, teacher, st, optimizer, x, y, epoch, args)
-    return lambda x, y: module.train_step(student, teacher, optimizer, x, y, args)
+        return _with_student(lambda x, y: module.train_step(student, teacher, st, optimizer, x, y, epoch, args), student)
+    return _with_student(lambda x, y: module.train_step(student, teacher, optimizer, x, y, args), student)
+
+
+def _with_student(step, student):
+    step.student = student
+    return step
 
 
 class FlopCount(TorchDispatchMode):
