@@ -52,6 +52,9 @@ Decisions, defaults and their sources in full: docs/adt_aodt.md. No official cod
 builds on yaodongyu/TRADES@6e8e11b (trades.py, train_trades_cifar10.py), the reference for every gap.
 """
 
+import os
+from pathlib import Path
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -299,9 +302,11 @@ def parse_member(text):
     head, _, tail = rest.rpartition(":")
     if head and tail in ("none", "cifar10", "cifar100"):
         rest, norm = head, (None if tail == "none" else tail)
+    elif head and not Path(rest).exists() and Path(head).exists():
+        common.fail(f"--teacher {text!r}: {tail!r} is not a normalisation (none, cifar10, cifar100)")
     if not rest:
         common.fail(f"--teacher {text!r}: expected ARCH:CKPT[:NORM]")
-    return arch, rest, norm
+    return arch, os.path.abspath(rest), norm  # absolute: a resumed run may start from another folder
 
 
 def load_teachers(args, device):
@@ -314,8 +319,12 @@ def load_teachers(args, device):
     for i, text in enumerate(args.teacher):
         arch, path, norm = parse_member(text)
         model, info = common.load_model(path, arch=arch, num_classes=common.DATASETS[args.dataset], norm=norm,
-                                        device=device, unsafe=args.unsafe_load, arch_flag="--teacher ARCH:",
-                                        default_arch="wrn34_10")
+                                        device=device, unsafe=args.unsafe_load, arch_flag="--teacher ARCH:CKPT",
+                                        default_arch="wrn34_10", dataset=args.dataset, norm_flag="--teacher ...:NORM",
+                                        override_record=args.override_record)
+        if not info["suite"] and saved is None:
+            common.warn_unrecorded(path, args.dataset, info)
+        args.teacher[i] = ":".join([*([arch] if arch else []), path, *([] if norm == "auto" else [norm or "none"])])
         digest = common.file_sha256(path)
         if saved is not None and digest != saved[i]:
             common.fail(f"--teacher {path} is not the file the run started with (sha256 {digest[:12]}… vs {saved[i][:12]}…)")

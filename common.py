@@ -44,12 +44,14 @@ def fail(msg, status=2):
 
 
 def parse_float(text):
-    """'8/255', '0.031' or '2e-4' -> a finite float; for argparse `type=`."""
+    """'8/255', '0.031' or '2e-4' -> a finite float: a number or one fraction a/b; for argparse `type=`."""
+    parts = str(text).strip().split("/")
     try:
-        num, sep, den = str(text).strip().partition("/")
-        value = (float(Fraction(num) / Fraction(den)) if sep else float(text))  # '8/255', '0.5/255'
+        if len(parts) > 2:  # '8/255/2' is no fraction: Fraction('255/2') would read it as 16/255
+            raise ValueError
+        value = float(Fraction(parts[0]) / Fraction(parts[1])) if len(parts) == 2 else float(text)  # '0.5/255'
     except (ValueError, ZeroDivisionError):
-        raise argparse.ArgumentTypeError(f"not a number or fraction: {text!r}") from None
+        raise argparse.ArgumentTypeError(f"not a number or one fraction a/b: {text!r}") from None
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"not a finite number: {text!r}")
     return value
@@ -72,11 +74,15 @@ def _positive(v):
 # Allowed values of the flags every script shares, checked in one place (`parse`) before anything is
 # loaded or written. A script adds its own with `parse(..., rules=...)`. Non-finite floats never get
 # here: `parse_float` refuses them.
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+MAX_SEED = 2 ** 32 - 1 - 1024  # numpy's seeds end at 2**32 - 1; under torchrun rank r uses seed + r
+
 VALUE_RULES = {
     "eps": ("in [0, 1]", lambda v: 0 <= v <= 1),
     "attack_step": ("a positive number", _positive),
-    "lr": ("a positive number", _positive),
-    "wd": ("a number >= 0", lambda v: v >= 0),
+    "lr": ("a positive number below 3.4e38 (float32)", lambda v: 0 < v < FLOAT32_MAX),
+    "wd": ("a number >= 0 below 3.4e38 (float32)", lambda v: 0 <= v < FLOAT32_MAX),
+    "seed": (f"an integer in [0, {MAX_SEED}]", lambda v: 0 <= v <= MAX_SEED),
     "momentum": ("in [0, 1)", lambda v: 0 <= v < 1),
     "temp": ("a positive number", _positive),
     "kl_scale": ("a positive number", _positive),
@@ -113,9 +119,20 @@ class _Parser(argparse.ArgumentParser):
         fail(f"{message} (see --help)")
 
 
-def parser(script, description):
-    """The argument parser of `script`.py: one-line errors with exit status 2, each default shown once."""
-    return _Parser(script, description=description, formatter_class=_HelpFormatter)
+def parser(script, description, **kwargs):
+    """The argument parser of `script`.py: one-line errors with exit status 2, each default shown once, no
+    abbreviated flags (a later flag could change what `--epoch` means)."""
+    return _Parser(script, description=description, formatter_class=_HelpFormatter, allow_abbrev=False, **kwargs)
+
+
+def non_negative_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0: {text!r}")
+    return value
 
 
 # Flags that may differ from the saved run on --resume: where things are (a moved data folder or
@@ -161,6 +178,12 @@ def parse(p, argv=None, resolve=None, rules=None):
     else:
         args = _resumed_args(p, given)
     args._test_batch_cpu = getattr(p, "test_batch_cpu", None)
+    for dest in getattr(p, "path_flags", ()):  # as typed they would mean another file from another folder
+        value = getattr(args, dest, None)
+        if value == "":
+            fail(f"{_flag(dest)} is empty; give a path")
+        if isinstance(value, str):
+            setattr(args, dest, os.path.abspath(os.path.expanduser(value)))
     if resolve is not None:
         resolve(args)
     check_values(args, rules)
@@ -212,6 +235,7 @@ def add_run_args(p, *, monitor, eval_every=1, eval_all_from=None, eval_first=Fal
                         f"{GPU_TEST_BATCH} on a GPU, where a small batch leaves most of the device idle; the monitor's "
                         "accuracies do not depend on it except through the random start's draws)")
     p.test_batch_cpu = test_batch_size  # parse() hands it to setup_device through args
+    p.path_flags = getattr(p, "path_flags", ()) + ("data_dir", "runs_dir")  # stored absolute by parse()
     g.add_argument("--seed", type=int, default=seed, help="seed of torch, numpy and random")
     g.add_argument("--runs-dir", default="runs", help="parent folder of the run folder")
     g.add_argument("--resume", default=None, metavar="LAST_PT", help="(set in parse)")
@@ -220,6 +244,9 @@ def add_run_args(p, *, monitor, eval_every=1, eval_all_from=None, eval_first=Fal
                         "(needs pip install tensorboard)")
     g.add_argument("--unsafe-load", action="store_true",
                    help="allow checkpoints that need pickle execution (torch.load(weights_only=False)); only for files you trust")
+    g.add_argument("--override-record", action="store_true",
+                   help="use --dataset and the --*-norm flags even where a suite checkpoint records another data set "
+                        "or normalisation (refused otherwise)")
     g = p.add_argument_group("speed and precision")
     g.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available, else cpu)")
     g.add_argument("--amp", default="off", choices=["off", "bf16"],
@@ -266,6 +293,7 @@ def add_teacher_args(p, g, prefix="teacher", *, what="teacher", arch_help, norm_
                    help=f"a preact_resnet18 {what} file not written by the suite: what feeds its projection shortcuts, "
                         "relu(bn1(x)) (act: IAD/ARD layout) or x (input: fast_adversarial, RobustBench) (docs/common.md §4)")
     p.resume_may_change.add(prefix)
+    p.path_flags = getattr(p, "path_flags", ()) + (prefix,)
 
 
 def is_monitor_epoch(args, epoch):
@@ -310,11 +338,32 @@ def _read_cifar(dataset, root, train):
         try:
             with open(f, "rb") as fh:
                 entry = pickle.load(fh, encoding="bytes")
-            xs.append(np.asarray(entry[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-            ys.append(np.asarray(entry[label_key], dtype=np.int64))
+            data, labels = np.asarray(entry[b"data"]), np.asarray(entry[label_key])
+        except PermissionError as e:
+            fail(f"cannot read {f}: {e.strerror}")
         except Exception as e:  # noqa: BLE001 - any unreadable file is the same user error
             fail(f"cannot read {f} as a CIFAR pickle ({type(e).__name__}: {e})")
+        x, y = _checked_split(f, data.reshape(len(data), -1) if data.ndim > 1 else data, labels, DATASETS[dataset])
+        xs.append(x.reshape(-1, 3, 32, 32))
+        ys.append(y)
     return torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys))
+
+
+def _checked_split(f, x, y, num_classes):
+    """The images (uint8 rows of 3*32*32 values) and labels of one data file, checked before use: as many
+    labels as images, the dtype and shape of the standard layout, every label a class of the data set.
+    A shifted or damaged file would otherwise train or evaluate on wrong labels without a word."""
+    if x.dtype != np.uint8 or x.ndim != 2 or x.shape[1] != 3 * 32 * 32:
+        fail(f"{f}: images are {x.dtype} {'x'.join(map(str, x.shape))}, expected uint8 rows of 3x32x32 values")
+    if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
+        fail(f"{f}: labels are {y.dtype} {'x'.join(map(str, y.shape))}, expected one integer per image")
+    if len(x) != len(y):
+        fail(f"{f} holds {len(x)} images but {len(y)} labels; the file is damaged (re-download it)")
+    bad = (y < 0) | (y >= num_classes)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        fail(f"{f}: label {int(y[i])} at index {i} is not one of the {num_classes} classes (0..{num_classes - 1})")
+    return x, y.astype(np.int64)
 
 
 def _read_svhn(root, train):
@@ -325,10 +374,23 @@ def _read_svhn(root, train):
         import scipy.io
     except ImportError:
         fail("reading SVHN needs scipy: pip install scipy")
-    m = scipy.io.loadmat(str(f))
-    x = np.ascontiguousarray(np.transpose(m["X"], (3, 2, 0, 1)), dtype=np.uint8)  # HWCN -> NCHW
-    y = m["y"].astype(np.int64).reshape(-1) % 10  # torchvision maps label 10 to 0
-    return torch.from_numpy(x), torch.from_numpy(y)
+    try:
+        m = scipy.io.loadmat(str(f))
+        x, y = np.asarray(m["X"]), np.asarray(m["y"]).reshape(-1)
+    except PermissionError as e:
+        fail(f"cannot read {f}: {e.strerror}")
+    except Exception as e:  # noqa: BLE001 - any unreadable file is the same user error
+        fail(f"cannot read {f} as an SVHN .mat file ({type(e).__name__}: {e})")
+    if np.issubdtype(y.dtype, np.floating) and np.array_equal(y, np.round(y)):  # MATLAB doubles
+        y = y.astype(np.int64)
+    if x.ndim != 4 or x.shape[:3] != (32, 32, 3):
+        fail(f"{f}: X is {'x'.join(map(str, x.shape))}, expected 32x32x3xN")
+    x = np.ascontiguousarray(np.transpose(x, (3, 2, 0, 1)))  # HWCN -> NCHW
+    if np.issubdtype(y.dtype, np.integer) and ((y < 1) | (y > 10)).any():  # SVHN stores the digits 1..10
+        i = int(np.flatnonzero((y < 1) | (y > 10))[0])
+        fail(f"{f}: label {int(y[i])} at index {i} is not an SVHN label (1..10, 10 for the digit 0)")
+    x, y = _checked_split(f, x.reshape(len(x), -1), y % 10, 10)  # torchvision maps label 10 to 0
+    return torch.from_numpy(x.reshape(-1, 3, 32, 32)), torch.from_numpy(y)
 
 
 def _download(dataset, root, train):
@@ -358,6 +420,10 @@ def load_split(dataset, data_dir, train, subset=None, download=True):
              "pass --data-dir pointing at a folder in the standard layout")
     x, y = data
     if subset is not None:
+        if subset > len(y) and is_main():
+            print(f"warning: the first {subset} images were asked for, but the {dataset} "
+                  f"{'train' if train else 'test'} split in {root} has {len(y)}; using all {len(y)}",
+                  file=sys.stderr)
         x, y = x[:subset], y[:subset]
     return x, y
 
@@ -445,15 +511,29 @@ class DeviceLoader:
             yield self._float(random_crop_flip(self.x[idx], self.pad, self.flip, params)), self.y[idx]
 
 
+def check_data(args, split, x, y):
+    """The sha256 of a split's images and labels, recorded in args.data_sha256 (args.json, last.pt); a
+    resumed run refuses other bytes, as it refuses another teacher file (a moved folder is fine)."""
+    h = hashlib.sha256(x.numpy().tobytes())
+    h.update(y.numpy().tobytes())
+    digest, recorded = h.hexdigest(), dict(getattr(args, "data_sha256", None) or {})
+    if recorded.get(split) not in (None, digest):
+        fail(f"the {split} data in {args.data_dir} is not the data the run started with (sha256 {digest[:12]}… vs "
+             f"{recorded[split][:12]}…); pass the --data-dir it started with")
+    args.data_sha256 = {**recorded, split: digest}
+
+
 def train_loader(args, batch_size, *, device, drop_last=False, pad=4):
     """Training loader from the shared flags (SVHN is cropped, never flipped: docs/common.md §6)."""
     x, y = load_split(args.dataset, args.data_dir, train=True, subset=args.train_subset)
+    check_data(args, "train", x, y)
     return DeviceLoader(x, y, batch_size, train=True, flip=args.dataset != "svhn", pad=pad, drop_last=drop_last,
                         device=device, channels_last=args.channels_last, seed=args.seed)
 
 
 def test_loader(args, *, device, batch_size=None):
     x, y = load_split(args.dataset, args.data_dir, train=False, subset=args.test_subset)
+    check_data(args, "test", x, y)
     batch_size = batch_size or args.test_batch_size or (
         GPU_TEST_BATCH if torch.device(device).type == "cuda" else getattr(args, "_test_batch_cpu", None) or 128)
     return DeviceLoader(x, y, batch_size, train=False, device=device, channels_last=args.channels_last)
@@ -926,7 +1006,7 @@ def stage_outputs(model, x, names=None):
 # ======================================================================================
 
 def _write_error(path, e):
-    fail(f"cannot write {path}: {e.strerror or e} (the checkpoints already there are intact)")
+    fail(f"cannot write {path}: {e.strerror or e} (nothing was replaced: a file already there is intact)")
 
 
 def save_checkpoint(path, obj):
@@ -950,12 +1030,25 @@ def write_text(path, text, append=False):
         _write_error(path, e)
 
 
+def _umask():
+    """The process's umask, read without changing it where Linux says it."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _atomic_write(path, data):
     """`data` into a temp file beside `path`, fsynced, then renamed over it; the temp file never outlives
-    a failure (an OSError ends in one line, anything else is re-raised)."""
+    a failure (an OSError ends in one line, anything else is re-raised). The file gets the mode a plain
+    open() would give it (0666 less the umask), not mkstemp's 0600, so that others in a lab can read a run."""
     tmp = None
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
@@ -978,6 +1071,8 @@ def _remove(tmp):
 def check_writable(folder):
     """Fail now, before hours of work, if `folder` cannot be created or written to."""
     folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        fail(f"cannot write to {folder}: it is a file, not a folder")
     try:
         folder.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".write-test.", dir=folder)
@@ -989,6 +1084,8 @@ def check_writable(folder):
 
 def load_checkpoint(path, unsafe=False):
     """torch.load(weights_only=True); anything needing pickle execution is refused unless `unsafe`."""
+    if str(path) == "":
+        fail("the checkpoint path is empty; give a file")
     path = Path(path)
     if path.is_dir():
         fail(f"{path} is a directory, not a checkpoint file")
@@ -996,6 +1093,8 @@ def load_checkpoint(path, unsafe=False):
         fail(f"checkpoint not found: {path}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
+    except PermissionError as e:
+        fail(f"cannot read {path}: {e.strerror}")
     except pickle.UnpicklingError as e:
         if "unsupported global" not in str(e).lower():  # e.g. "Unsupported operand": not a pickle at all
             fail(f"{path} is not a checkpoint (not a file torch.save wrote, or corrupt)")
@@ -1079,18 +1178,31 @@ def _head_width(model, sd):
 
 
 def load_model(path, arch=None, num_classes=None, norm="auto", device="cpu", unsafe=False, arch_kwargs=None,
-               arch_flag="--arch", default_arch=None, shortcut_flag="--shortcut-from"):
+               arch_flag="--arch", default_arch=None, shortcut_flag="--shortcut-from", dataset=None,
+               norm_flag="--norm", override_record=False):
     """Build and strictly load any checkpoint the suite meets (docs/common.md §4).
 
     Returns the model in eval() mode on `device` and a dict saying what was done. The suite's own
     checkpoints say their architecture; other files take `arch`, else `default_arch`. `norm='auto'`
-    takes the suite checkpoint's recorded normalisation, else the architecture's default.
+    takes the suite checkpoint's recorded normalisation, else the architecture's default. Where a suite
+    checkpoint records another data set than `dataset`, or another normalisation than an explicit
+    `norm`, it is refused unless `override_record`; every weight must be finite.
     """
     obj = load_checkpoint(path, unsafe)
     suite = isinstance(obj, dict) and isinstance(obj.get("arch"), str) and _is_state_dict(obj.get("model"))
+    guessed = False  # the architecture is the caller's default, not the file's or the user's
     if suite:
         if arch is not None and arch != obj["arch"]:
-            fail(f"{path} holds a {obj['arch']}, not a {arch}; drop {arch_flag} or pass {arch_flag} {obj['arch']}")
+            fail(f"{path} holds a {obj['arch']}, not a {arch}; drop {arch_flag} or pass {_arch_hint(arch_flag, obj['arch'])}")
+        recorded_ds = obj.get("dataset")
+        if dataset is not None and recorded_ds not in (None, dataset) and not override_record:
+            fail(f"{path} was trained on {recorded_ds}, not {dataset}; check --dataset (--override-record to use "
+                 "it anyway)")
+        recorded_norm = None if obj.get("norm") is None else (tuple(obj["norm"]["mean"]), tuple(obj["norm"]["std"]))
+        if norm != "auto" and resolve_norm(norm) != recorded_norm and not override_record:
+            fail(f"{path} records the normalisation {norm_name(obj.get('norm'))}, not "
+                 f"{'none' if norm is None else norm if isinstance(norm, str) else 'custom'}; drop {norm_flag} "
+                 "(--override-record to use it anyway)")
         arch, container, sd = obj["arch"], "model", obj["model"]
         recorded = obj.get("arch_kwargs", {})
         for k, v in (arch_kwargs or {}).items():
@@ -1104,6 +1216,7 @@ def load_model(path, arch=None, num_classes=None, norm="auto", device="cpu", uns
         if sd is None:
             fail(f"{path} holds no state_dict (looked for a dict of tensors, or one under "
                  "'model', 'state_dict', 'net', 'student', 'last')")
+        guessed = arch is None and default_arch is not None
         arch = arch or default_arch
         if arch is None:
             fail(f"{path} does not say which architecture it holds; pass {arch_flag} (one of {', '.join(ARCHS)})")
@@ -1116,6 +1229,10 @@ def load_model(path, arch=None, num_classes=None, norm="auto", device="cpu", uns
             norm = "default"
     if arch not in ARCHS:
         fail(f"unknown architecture {arch!r}; choose from {', '.join(ARCHS)}")
+    for key, tensor in sd.items():  # a NaN weight would evaluate, or teach, as a constant without a word
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            fail(f"{path}: {key} holds {'NaN' if bool(torch.isnan(tensor).any()) else 'inf'} values; the model "
+                 "is broken (a diverged run?)")
     try:
         with torch.device("meta"):  # module names only, no memory
             skeleton = build_model(arch, 10, None, **arch_kwargs)
@@ -1132,6 +1249,9 @@ def load_model(path, arch=None, num_classes=None, norm="auto", device="cpu", uns
     except ValueError as e:
         fail(str(e))
     missing, unexpected = _key_mismatch(model, sd)
+    if (missing or unexpected) and guessed:
+        fail(f"{path} does not say which architecture it holds, and its keys do not fit the default {arch}; "
+             f"pass {arch_flag} (one of {', '.join(ARCHS)})")
     if missing or unexpected:
         fail(f"{path} does not match {arch} {arch_kwargs or ''}: missing keys {missing[:10]}, "
              f"unexpected keys {unexpected[:10]}")
@@ -1144,6 +1264,12 @@ def load_model(path, arch=None, num_classes=None, norm="auto", device="cpu", uns
             "arch_kwargs": dict(model.arch_kwargs), "num_classes": num_classes, "norm": model.norm,
             "dataset": obj.get("dataset") if suite else None}
     return model.to(device).eval(), info
+
+
+def _arch_hint(arch_flag, arch):
+    """How the user names `arch`: '--teacher-arch resnet18', or 'ARCH:CKPT' forms as '--teacher resnet18:CKPT'."""
+    flag, _, form = arch_flag.partition(" ")
+    return f"{flag} {form.replace('ARCH', arch)}" if "ARCH" in form else f"{arch_flag} {arch}"
 
 
 def norm_name(norm):
@@ -1169,13 +1295,16 @@ def load_teacher(args, device, default_arch, prefix="teacher"):
     flag = prefix.replace("_", "-")
     path = getattr(args, prefix)
     norm = getattr(args, f"{prefix}_norm")
-    norm = "auto" if norm is None else (None if norm == "none" else norm)
+    norm = "auto" if norm in (None, "custom") else (None if norm == "none" else norm)  # custom: a resumed record
     shortcut = getattr(args, f"{prefix}_shortcut_from", None)
     model, info = load_model(path, arch=getattr(args, f"{prefix}_arch"), num_classes=DATASETS[args.dataset],
                              norm=norm, device=device, unsafe=args.unsafe_load,
                              arch_kwargs=None if shortcut is None else {"shortcut_from": shortcut},
                              arch_flag=f"--{flag}-arch", default_arch=default_arch,
-                             shortcut_flag=f"--{flag}-shortcut-from")
+                             shortcut_flag=f"--{flag}-shortcut-from", dataset=args.dataset,
+                             norm_flag=f"--{flag}-norm", override_record=getattr(args, "override_record", False))
+    if not info["suite"] and getattr(args, f"{prefix}_sha256", None) is None:
+        warn_unrecorded(path, args.dataset, info)
     digest, saved = file_sha256(path), getattr(args, f"{prefix}_sha256", None)
     if saved is not None and digest != saved:
         fail(f"--{flag} {path} is not the file the run started with (sha256 {digest[:12]}… vs {saved[:12]}…)")
@@ -1186,6 +1315,13 @@ def load_teacher(args, device, default_arch, prefix="teacher"):
         f" (container {info['container']}, stripped {info['prefixes'] or 'nothing'})")
     model = freeze(model)
     return prepare_model(model, args, device), info
+
+
+def warn_unrecorded(path, dataset, info):
+    """One line where a checkpoint (not the suite's) does not say what it was trained on."""
+    if is_main():
+        print(f"warning: {path} does not record its data set or normalisation (not a suite checkpoint); taken as "
+              f"a {dataset} model with normalisation {norm_name(info['norm'])}", file=sys.stderr, flush=True)
 
 
 def _detect_switches(arch, sd, arch_kwargs):
@@ -1241,15 +1377,28 @@ def seed_everything(seed, deterministic=False):
 def setup_device(args):
     """Device from --device, TF32 from --no-tf32; called once in main(). Under torchrun (WORLD_SIZE > 1)
     it joins the process group (NCCL on CUDA, gloo on CPU) and takes the device of LOCAL_RANK."""
-    name = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        fail(f"--device {name} asked for, but CUDA is not available; use --device cpu")
-    name = join_process_group(name)
+    name = join_process_group(str(parse_device(args.device)))
     if name.startswith("cuda"):  # TF32 exists on CUDA only; leaving the flags alone elsewhere spares recompiles
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = not args.no_tf32
     if getattr(args, "test_batch_size", 0) is None:  # --test-batch-size sized for the device (docs/common.md §7)
         args.test_batch_size = GPU_TEST_BATCH if name.startswith("cuda") else getattr(args, "_test_batch_cpu", None) or 128
     return torch.device(name)
+
+
+def parse_device(name):
+    """--device as a torch.device (default: cuda when available, else cpu); one line for a bad name."""
+    name = name or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        fail(f"--device {name} is not a device; use cuda, cuda:N or cpu")
+    if device.type not in ("cuda", "cpu"):
+        fail(f"--device {name}: the suite runs on cuda or cpu")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        fail(f"--device {name} asked for, but CUDA is not available; use --device cpu")
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        fail(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s) (cuda:0..)")
+    return device
 
 
 def join_process_group(name):
@@ -1561,8 +1710,9 @@ class Run:
         if is_main():
             for stale in self.dir.glob(".*.tmp"):  # a write cut short by the kill
                 _remove(stale)
-            self._record_resume(epoch)
-            self._truncate_metrics(epoch)
+            if epoch < self.args.epochs:  # a finished run that is only asked again is not a resume
+                self._record_resume(epoch)
+                self._truncate_metrics(epoch)
         rank, world_size = world()
         states = ck.get("rng_ranks") or [ck["rng"]]
         if len(states) != world_size:

@@ -91,6 +91,9 @@ def parse_args(argv=None):
     g.add_argument("--unsafe-load", action="store_true", help="allow pickle execution when loading (trusted files only)")
     g.add_argument("--dataset", default=None, choices=sorted(common.DATASETS),
                    help="test split (default: the suite checkpoint's data set, else from the head width)")
+    g.add_argument("--override-record", action="store_true",
+                   help="use --dataset and --norm even where a suite checkpoint records another data set or "
+                        "normalisation (refused otherwise)")
     g.add_argument("--data-dir", default="./data", help="folder holding the standard layout")
     g.add_argument("--n-ex", type=common.positive_int, default=None, help="evaluate the first N test points (default all)")
     g.add_argument("--bs", type=common.positive_int, default=250, help="batch size of the non-AutoAttack attacks")
@@ -1070,9 +1073,12 @@ def load_target(args, device):
     norm = None if args.norm == "none" else args.norm
     num_classes = common.DATASETS[args.dataset] if args.dataset else None
     model, info = common.load_model(args.checkpoint, arch=args.arch, num_classes=num_classes, norm=norm,
-                                    device=device, unsafe=args.unsafe_load, arch_kwargs=shortcut(args.shortcut_from))
+                                    device=device, unsafe=args.unsafe_load, arch_kwargs=shortcut(args.shortcut_from),
+                                    dataset=args.dataset, override_record=args.override_record)
     # suite checkpoints record their data set; other files: from the head width (SVHN needs --dataset)
     dataset = args.dataset or info.get("dataset") or {100: "cifar100"}.get(info["num_classes"], "cifar10")
+    if not info["suite"]:
+        common.warn_unrecorded(args.checkpoint, dataset, info)
     if common.DATASETS[dataset] != info["num_classes"]:
         common.fail(f"{args.checkpoint} has {info['num_classes']} outputs but {dataset} has "
                     f"{common.DATASETS[dataset]} classes; check --dataset")
@@ -1355,10 +1361,7 @@ def main(argv=None):
     if args.amp is not None:
         common.fail("--amp is refused: attacks run in fp32 (fp16 zeroes small input gradients and DLR's 1e-12 "
                     "denominators); drop the flag")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        common.fail(f"--device {args.device} asked for, but CUDA is not available; use --device cpu")
-    device = torch.device(common.join_process_group(str(device)))  # torchrun: one GPU (or CPU process) per rank
+    device = torch.device(common.join_process_group(str(common.parse_device(args.device))))  # torchrun: one GPU (or CPU process) per rank
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32  # fp32 unless --tf32 (§1)
     if args.deterministic:
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
@@ -1419,7 +1422,13 @@ def main(argv=None):
             print(note)
         for w in out["warnings"]:
             print(f"warning: {w}")
-        common.write_text(json_path, common.json_dumps(out, indent=1) + "\n")
+        text = common.json_dumps(out, indent=1) + "\n"
+        try:
+            common.write_text(json_path, text)
+        except SystemExit:  # a full disk after hours of attacks: the results go to stdout instead of nowhere
+            print(text, end="")
+            common.fail(f"the results above could not be written to {json_path}; they are printed to standard "
+                        "output (save them from the console)")
         print(f"wrote {json_path}")
     if ctx.failed:  # only now: the results are written whatever the re-evaluation found (§4.1)
         common.fail(f"{', '.join(dict.fromkeys(ctx.failed))}: two passes over the same points disagree beyond "

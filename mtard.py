@@ -96,7 +96,9 @@ def parse_args(argv=None):
                         "B-MTARD (D-MTARD-5)")
     # the scripts' attack_pgd at epoch 1, 20, 40, ..., 200 and every epoch from 215
     common.add_run_args(p, monitor="pgd20-monitor", eval_every=20, eval_all_from=215, eval_first=True, seed=0)
-    rules = {"rw": ("in [0, 1]", lambda v: 0 <= v <= 1), "w_init": ("in [0, 1]", lambda v: 0 <= v <= 1)}
+    rules = {"rw": ("in [0, 1]", lambda v: 0 <= v <= 1), "w_init": ("in [0, 1]", lambda v: 0 <= v <= 1),
+             # a negative beta moves the weight towards the teacher whose loss fell most; (L/L0)^1000 overflows
+             "anl_beta": ("in (0, 10]", lambda v: 0 < v <= 10)}
     return common.parse(p, argv, resolve=resolve_defaults, rules=rules), p
 
 

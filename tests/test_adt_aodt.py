@@ -358,7 +358,7 @@ def test_smoke_adt_alp_two_members_and_best_reload(cifar_dir, teacher_ckpt, tmp_
     assert all({"loss", "mse", "alp", "test_clean", "test_robust"} <= set(m) for m in epochs)
     best = check_best_reloads(run, cifar_dir, 32)
     assert best["select"]["monitor"] == "fgsm20-trades" and "peer" not in best
-    assert f"reported checkpoint (D-ADT-8): runs/{run.name}/last.pt" in proc.stdout
+    assert f"reported checkpoint (D-ADT-8): {run}/last.pt" in proc.stdout  # --runs-dir is stored absolute
 
 
 def test_smoke_aodt_trades_checkpoint_holds_both_and_eval_reads_the_robust_model(cifar_dir, tmp_path):

@@ -188,7 +188,9 @@ def test_suite_checkpoint_round_trip(tmp_path):
     x = torch.rand(4, 3, 32, 32)
     model.eval()
     assert torch.equal(loaded(x), model(x))  # recorded normalisation restored
-    plain, _ = common.load_model(path, norm=None)
+    with pytest.raises(SystemExit):  # an explicit normalisation that contradicts the record is refused
+        common.load_model(path, norm=None)
+    plain, _ = common.load_model(path, norm=None, override_record=True)
     assert not torch.allclose(plain(x), model(x))
 
 

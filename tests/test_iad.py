@@ -4,6 +4,7 @@ boundary, the train-mode attack, one optimisation step of iad1 and iad2 written 
 loops compute it, bad values, subprocess smoke runs with a best.pt reload, and resume after a kill."""
 
 import copy
+import os
 import json
 
 import numpy as np
@@ -59,7 +60,7 @@ def test_defaults_and_warm_up_per_variant_and_dataset():
     common.setup_device(a)  # the monitor's batch is sized for the device: 128 on the CPU, as IAD's scripts
     assert a.test_batch_size == 128
     b = args_for(variant="iad2")
-    assert (b.alpha1, b.alpha2, b.begin, b.teacher_st) == (0.5, 0.25, 40, "st.pt")
+    assert (b.alpha1, b.alpha2, b.begin, b.teacher_st) == (0.5, 0.25, 40, os.path.abspath("st.pt"))  # stored absolute
     assert args_for("--dataset", "cifar100").begin == 80 == args_for("--dataset", "cifar100", variant="iad2").begin
     assert args_for("--begin", "0").begin == 0  # IAD Table 6 "0 epochs"
     assert args_for(variant="ard").begin is None and args_for(variant="akd2").begin is None

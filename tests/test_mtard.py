@@ -325,7 +325,7 @@ def test_missing_or_mismatched_teacher_is_one_line(cifar_dir, cifar100_dir, teac
              (["--adv-teacher", str(teacher_ckpt), "--nat-teacher", str(tmp_path / "missing.pt")],
               ["--data-dir", str(cifar_dir)], "not found"),
              (["--adv-teacher", str(teacher_ckpt), "--nat-teacher", str(teacher_ckpt)],
-              ["--dataset", "cifar100", "--data-dir", str(cifar100_dir)], "10-class head")]
+              ["--dataset", "cifar100", "--data-dir", str(cifar100_dir), "--override-record"], "10-class head")]
     for teachers, extra, match in cases:
         with pytest.raises(SystemExit) as e:
             mtard.main([*teachers, *base, *extra])

@@ -246,8 +246,8 @@ def test_bad_teacher_is_one_line(cifar_dir, cifar100_dir, teacher_ckpt, tmp_path
     base = ["--arch", "cnn_small", "--runs-dir", str(tmp_path), "--device", "cpu",
             "--epochs", "1", "--train-subset", "32", "--test-subset", "16"]
     for teacher, extra, match in [(tmp_path / "missing.pt", ["--data-dir", str(cifar_dir)], "not found"),
-                                  (teacher_ckpt, ["--dataset", "cifar100", "--data-dir", str(cifar100_dir)],
-                                   "10-class head")]:
+                                  (teacher_ckpt, ["--dataset", "cifar100", "--data-dir", str(cifar100_dir),
+                                                  "--override-record"], "10-class head")]:
         with pytest.raises(SystemExit) as e:
             rslad.main(["--teacher", str(teacher), *base, *extra])
         assert e.value.code == 2

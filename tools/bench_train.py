@@ -179,13 +179,21 @@ def report(name, r, flops):
     return tflops
 
 
+def positive_float(text):
+    value = common.parse_float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
+    return value
+
+
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], add_help=False)
+    p = common.parser("tools/bench_train", __doc__.split("\n\n")[0], add_help=False)
     p.add_argument("method", choices=METHODS)
-    p.add_argument("--steps", type=int, default=20, help="timed steps")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation, cuDNN autotuning)")
-    p.add_argument("--peak-tflops", type=float, default=None, help="peak TFLOP/s of the device for the MFU")
+    p.add_argument("--steps", type=common.positive_int, default=20, help="timed steps")
+    p.add_argument("--warmup", type=common.non_negative_int, default=3,
+                   help="untimed steps first (compilation, cuDNN autotuning)")
+    p.add_argument("--peak-tflops", type=positive_float, default=None, help="peak TFLOP/s of the device for the MFU")
     p.add_argument("-h", "--help", action="store_true")
     ours, rest = p.parse_known_args(argv)
     if ours.help:
