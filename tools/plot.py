@@ -249,7 +249,7 @@ def plot_per_class(plt, evals, args, out):
 
 
 def main(argv=None):
-    p = Parser(prog="tools/plot.py", description=__doc__.split("\n\n")[0])
+    p = Parser(prog="tools/plot.py", description=__doc__.split("\n\n")[0], allow_abbrev=False)
     p.add_argument("inputs", nargs="+", help="run folders, metrics.jsonl files and eval_attacks.py JSONs")
     p.add_argument("--out", default="figures", help="folder the PNGs are written to (default: figures)")
     p.add_argument("--dpi", type=int, default=100, help="dots per inch (default: 100)")

@@ -278,7 +278,7 @@ def parse_set(items):
 
 
 def main(argv=None):
-    p = Parser(prog="tools/report.py", description=__doc__.split("\n\n")[0])
+    p = Parser(prog="tools/report.py", description=__doc__.split("\n\n")[0], allow_abbrev=False)
     p.add_argument("results", nargs="+", help="JSON files written by eval_attacks.py")
     p.add_argument("--published", default=str(PUBLISHED), help="the published rows (default: tools/published.json)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
