@@ -344,16 +344,16 @@ def load_teachers(args, device):
 
 def main(argv=None):
     args, _ = parse_args(argv)
-    run = common.Run("adt_aodt", args, args.arch)
+    run = common.Run("adt_aodt", args, args.arch, variant=args.method)
     device = common.setup_device(args)
     common.seed_everything(args.seed, args.deterministic)
     num_classes = common.DATASETS[args.dataset]
 
-    train_data = common.train_loader(args, args.batch_size, device=device)
-    test_data = common.test_loader(args, device=device)
     peer = members = None
     if args.method == "adt":
         teacher, members = load_teachers(args, device)
+    train_data = common.train_loader(args, args.batch_size, device=device)
+    test_data = common.test_loader(args, device=device)
     student = common.prepare_student(common.build_model(args.arch, num_classes), args, device)
     params = list(student.parameters())
     if args.method == "aodt":  # D-ADT-6: random init, no normalisation

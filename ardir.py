@@ -303,14 +303,14 @@ def check_ir_layers(student, teacher, args, device):
 
 def main(argv=None):
     args, _ = parse_args(argv)
-    run = common.Run("ardir", args, args.arch)
+    run = common.Run("ardir", args, args.arch, variant=args.combo)
     device = common.setup_device(args)
     common.seed_everything(args.seed, args.deterministic)
     num_classes = common.DATASETS[args.dataset]
 
+    teacher, _ = common.load_teacher(args, device, "preact_resnet18")
     train_data = common.train_loader(args, args.batch_size, device=device)  # D-ARDIR-8: SVHN cropped, not flipped
     test_data = common.test_loader(args, device=device)
-    teacher, _ = common.load_teacher(args, device, "preact_resnet18")
     student = common.prepare_student(common.build_model(args.arch, num_classes), args, device)
     check_ir_layers(student, teacher, args, device)
     optimizer = common.sgd(student.parameters(), args.lr, args.momentum, args.wd)

@@ -18,6 +18,7 @@ import os
 import pickle
 import platform
 import random
+import shutil
 import sys
 import tempfile
 import time
@@ -97,14 +98,14 @@ def check_values(args, rules=None):
             fail(f"--{dest.replace('_', '-')} must be {allowed}, got {value:g}")
 
 
-class _HelpFormatter(argparse.HelpFormatter):
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):  # description and epilog as written
     """Appends "(default: X)" once, and only where the help text does not already state the default:
     flags whose default is resolved after parsing (None here) say their resolved value in words."""
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if ("default" in text or not action.option_strings or action.default in (None, False, argparse.SUPPRESS)
-                or isinstance(action, argparse.BooleanOptionalAction)):
+        if ("default" in text or not action.option_strings or action.default is None or action.default is False
+                or action.default is argparse.SUPPRESS or isinstance(action, argparse.BooleanOptionalAction)):
             return text
         return f"{text} (default: %(default)s)"
 
@@ -409,9 +410,12 @@ def load_split(dataset, data_dir, train, subset=None, download=True):
     read = (lambda: _read_svhn(root, train)) if dataset == "svhn" else (lambda: _read_cifar(dataset, root, train))
     data = read()
     if data is None and download:
+        existed = root.exists()
         try:
             _download(dataset, root, train)
         except Exception as e:  # noqa: BLE001 - no network, read-only folder, ...
+            if not existed:  # the folder is ours: no empty ./data (or half a download) left behind
+                shutil.rmtree(root, ignore_errors=True)
             fail(f"{dataset} is not in {root} and the download failed ({type(e).__name__}); "
                  "pass --data-dir pointing at a folder in the standard layout")
         data = read()
@@ -1662,21 +1666,22 @@ class Run:
     `metrics = run.train_metrics(...)`, then `run.end_epoch(...)`.
     """
 
-    def __init__(self, script, args, arch):
+    def __init__(self, script, args, arch, variant=None):
         self.script, self.args, self.resumed = script, args, None
         if args.resume:
             self.resumed = load_checkpoint(args.resume, unsafe=False)
             self.dir = Path(args.resume).resolve().parent
         else:
             stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-            base = Path(args.runs_dir) / f"{script}__{args.dataset}__{arch}__s{args.seed}__{stamp}"
+            name = script if variant is None else f"{script}-{variant}"  # iad-iad2, adt_aodt-aodt: told apart
+            base = Path(args.runs_dir) / f"{name}__{args.dataset}__{arch}__s{args.seed}__{stamp}"
             self.dir, i = base, 1
             while self.dir.exists():
                 i += 1
                 self.dir = base.with_name(f"{base.name}-{i}")
         self.best = {"value": None, "epoch": None}
         self.epoch_seconds, self.epoch_walls, self.images = [], [], None
-        self._last_end = None
+        self._epoch_start, self._said_selection = None, False
         # --tensorboard: fails here, before anything is written, when the package is missing
         self.tb_class, self.tb = (summary_writer_class() if getattr(args, "tensorboard", False) else None), None
 
@@ -1685,7 +1690,6 @@ class Run:
         resumed state into model (and `peer`), optimizer and `extra`. Returns the first epoch to run."""
         self.args_json = {"script": self.script, **_jsonable({k: v for k, v in vars(self.args).items()
                                                               if not k.startswith("_")})}
-        self._last_end = time.perf_counter()
         self._models = [m for m in (model, peer) if m is not None]
         say(f"run folder: {self.dir}")
         if not self.resumed:  # the folder appears only once setup has succeeded
@@ -1759,7 +1763,7 @@ class Run:
         --progress-every seconds: images/s and the ETA of the epoch and of the run, monitor included.
         Host clock only: no device sync per step (on a GPU the rate shows once the launch queue is full)."""
         every, total = getattr(self.args, "progress_every", 0), len(loader)
-        start = last = time.perf_counter()
+        start = last = self._epoch_start = time.perf_counter()  # the teacher's measurement is not the epoch's
         global_batch = min(loader.batch_size, len(loader.y))
         for b, batch in enumerate(loader.epoch(epoch), 1):
             broadcast_buffers(*self._models)
@@ -1821,8 +1825,6 @@ class Run:
                 save_checkpoint(self.dir / "best.pt", checkpoint_dict(
                     model, kind="best", epoch=epoch, dataset=args.dataset, args=self.args_json, metrics=record,
                     select=select, peer=peer))
-                say(f"  best.pt <- epoch {epoch} ({value_name or args.monitor} {100 * value:.2f}%); selected on the test set, "
-                    "as the papers do, not good practice")
             last_select = {**select, "best_value": self.best["value"], "best_epoch": self.best["epoch"]}
             ck = checkpoint_dict(model, kind="last", epoch=epoch, dataset=args.dataset, args=self.args_json,
                                  metrics=record, select=last_select, optimizer=optimizer, extra=extra, peer=peer)
@@ -1830,10 +1832,14 @@ class Run:
             if len(states) > 1:
                 ck["rng_ranks"] = states
             save_checkpoint(self.dir / "last.pt", ck)
-        now = time.perf_counter()
-        self.epoch_walls.append(now - self._last_end)  # training, monitor and saving
-        self._last_end = now
+        if self._epoch_start is not None:
+            self.epoch_walls.append(time.perf_counter() - self._epoch_start)  # training, monitor and saving
         say(self._progress(record, args.epochs))
+        if new_best:
+            caveat = "" if self._said_selection else ("; selected on the test set, as the papers do, not good "
+                                                      "practice")
+            self._said_selection = True
+            say(f"  best.pt <- epoch {epoch} ({value_name or args.monitor} {100 * value:.2f}%){caveat}")
         return record
 
     def _progress(self, r, total):
@@ -1850,7 +1856,7 @@ class Run:
         if self.epoch_walls:
             eta = sum(self.epoch_walls) / len(self.epoch_walls) * (total - r["epoch"])
             monitor_s = f" + monitor {r['monitor_seconds']:.1f}s" if r.get("monitor_seconds") is not None else ""
-            parts.append(f"{r.get('seconds', 0):.1f}s{monitor_s} ETA {datetime.timedelta(seconds=round(eta))}")
+            parts.append(f"train {r.get('seconds', 0):.1f}s{monitor_s}  run ETA {datetime.timedelta(seconds=round(eta))}")
         return "  ".join(parts)
 
 

@@ -79,7 +79,7 @@ AA_JSON_KEY = {"standard": "autoattack", "fast": "aa_fast", "rand": "aa_rand", "
 
 
 def parse_args(argv=None):
-    p = common.parser("eval_attacks", __doc__.split("\n\n")[0])
+    p = common.parser("eval_attacks", __doc__.split("\n\n")[0] + "\n(§ numbers below: docs/eval_attacks.md)")
     p.add_argument("checkpoint", help="any checkpoint common.load_model reads (suite last.pt/best.pt or official files)")
     g = p.add_argument_group("model and data (§1)")
     g.add_argument("--arch", default=None, help="architecture (required for non-suite checkpoints)")
@@ -961,7 +961,7 @@ def reevaluate(model, x, y, result, eps, bs, device, what, tf32=False):
             margin[lo:lo + bs], tol[lo:lo + bs], tie[lo:lo + bs] = m.cpu(), t.cpu(), k.cpu()
     moved = (correct != robust).nonzero().flatten().tolist()
     atol, rtol = NEAR_TIE[bool(tf32)]
-    stats.update(acc_from="robust_flags", reevaluated_acc=correct.float().mean().item(), n_disagree=len(moved),
+    stats.update(acc_from="robust_flags", reevaluated_acc=correct.double().mean().item(), n_disagree=len(moved),
                  n_near_tie=int(tie[moved].sum()), near_tie_tol={"tf32": bool(tf32), "atol": atol, "rtol": rtol},
                  disagreements=[{"index": i, "robust": bool(robust[i]), "margin": margin[i].item(),
                                  "tol": tol[i].item(), "near_tie": bool(tie[i])} for i in moved])
@@ -1032,12 +1032,14 @@ def class_stats(correct, y, num_classes):
 
 
 def accuracy_record(correct, clean_correct, clean_acc, params, seconds):
-    acc = correct.float().mean().item()
-    return {"params": params, "acc": acc, "acc_and_clean": (correct & clean_correct).float().mean().item(),
+    acc = correct.double().mean().item()
+    return {"params": params, "acc": acc, "acc_and_clean": (correct & clean_correct).double().mean().item(),
             "n_correct": int(correct.sum()), "w_robust": w_robust(clean_acc, acc), "seconds": round(seconds, 3)}
 
 
 TABLE_HEADER = f"{'attack':<24} {'acc':>8} {'acc&clean':>10} {'W-Robust':>9} {'seconds':>9} {'spread':>7} worst class"
+TABLE_LEGEND = ("acc: robust accuracy (%); acc&clean: points both clean-correct and robust; W-Robust: (clean + acc)/2; "
+                "spread: best minus worst class accuracy; worst class: its accuracy and name (§9)")
 
 
 def table_row(name, acc, acc_and_clean=None, wr=None, seconds=None, per_class=None, names=None):
@@ -1136,7 +1138,7 @@ def eval_clean(ctx):
         xb = ctx.x[lo:lo + bs].to(ctx.device)
         correct[lo:lo + bs] = (checked_predict(ctx.model, xb, xb, ctx.eps, "clean", ctx.exact, ctx.args.tf32)
                                == ctx.y[lo:lo + bs].to(ctx.device)).cpu()
-    ctx.clean_correct, ctx.clean = correct, correct.float().mean().item()
+    ctx.clean_correct, ctx.clean = correct, correct.double().mean().item()
     per_class = ctx.per_class(correct, "clean")
     ctx.rows.append(ctx.row("clean", ctx.clean, seconds=time.perf_counter() - start, per_class=per_class))
     ctx.say(f"clean accuracy {100 * ctx.clean:.2f}%")
@@ -1171,9 +1173,9 @@ def eval_transfer(ctx, attacks):
         correct, src_correct = run_attack(source, [ctx.model, source], ctx.x, ctx.y, ctx.eps, params, ctx.args.bs,
                                           ctx.device, f"transfer {name}", ctx.args.seed, ctx.args.quiet, ctx.exact,
                                           tf32=ctx.args.tf32)
-        acc = correct.float().mean().item()
+        acc = correct.double().mean().item()
         res[name] = {"source": {"ckpt": path, "arch": arch, "norm": info["norm"]}, "params": params, "acc": acc,
-                     "n_correct": int(correct.sum()), "source_acc": src_correct.float().mean().item(),
+                     "n_correct": int(correct.sum()), "source_acc": src_correct.double().mean().item(),
                      "clean_acc": ctx.clean, "w_robust": w_robust(ctx.clean, acc),
                      "seconds": round(time.perf_counter() - start, 3)}
         ctx.rows.append(ctx.row(f"transfer {name}", acc, None, res[name]["w_robust"], res[name]["seconds"],
@@ -1189,7 +1191,7 @@ def eval_square_bb(ctx):
                    device=ctx.device, quiet=args.quiet, checks=False, square_queries=args.square_queries)
     stats = reevaluate(ctx.model, ctx.x, ctx.y, r, ctx.eps, args.aa_bs, ctx.device, "square-bb", args.tf32)
     note_reevaluation(ctx, "square-bb", stats)
-    acc = r["robust"].float().mean().item()
+    acc = r["robust"].double().mean().item()
     broken = ctx.clean_correct & ~r["robust"]
     res = {"n_queries": args.square_queries, "p_init": 0.8, "acc": acc, "n_correct": int(r["robust"].sum()),
            "w_robust": w_robust(ctx.clean, acc),
@@ -1209,10 +1211,10 @@ def eval_quant(ctx, attacks, grid):
     res, clean = {str(b): {"nonadaptive": {}} for b in grid}, {}
     for b, g in zip(grid, gs):
         clean[b] = torch.cat([predict(g, x[lo:lo + args.bs].to(ctx.device)).cpu()
-                              for lo in range(0, len(y), args.bs)]).eq(y).float().mean().item()
+                              for lo in range(0, len(y), args.bs)]).eq(y).double().mean().item()
 
     def record(b, mode, name, correct, seconds):
-        acc = correct.float().mean().item()
+        acc = correct.double().mean().item()
         res[str(b)][mode][name] = {"acc": acc, "clean_acc": clean[b], "w_robust": w_robust(clean[b], acc)}
         ctx.rows.append(ctx.row(f"Q{b} {mode} {name}", acc, None, w_robust(clean[b], acc), seconds,
                                 ctx.per_class(correct, f"quant.{b}.{mode}.{name}")))
@@ -1260,7 +1262,7 @@ def eval_aa(ctx, version):
     seconds = time.perf_counter() - start
     stats = reevaluate(ctx.model, ctx.x, ctx.y, r, ctx.eps, args.aa_bs, ctx.device, "AutoAttack", args.tf32)
     note_reevaluation(ctx, key, stats)
-    acc = r["robust"].float().mean().item()
+    acc = r["robust"].double().mean().item()
     if acc > ctx.clean:
         loud_warning(ctx, key, f"{key}: accuracy {acc:.4f} above the clean accuracy {ctx.clean:.4f}: the clean pass "
                                "and AutoAttack's classify some clean point differently", status=ctx.exact)
@@ -1418,6 +1420,7 @@ def main(argv=None):
     if common.is_main():  # under torchrun rank 0 prints and writes
         print(TABLE_HEADER)
         print("\n".join(ctx.rows))
+        print(TABLE_LEGEND)
         for note in ctx.notes:
             print(note)
         for w in out["warnings"]:

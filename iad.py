@@ -293,17 +293,17 @@ def lr_at(epoch, args):
 
 def main(argv=None):
     args, _ = parse_args(argv)
-    run = common.Run("iad", args, args.arch)
+    run = common.Run("iad", args, args.arch, variant=args.variant)
     device = common.setup_device(args)
     common.seed_everything(args.seed, args.deterministic)
     num_classes = common.DATASETS[args.dataset]
 
-    train_data = common.train_loader(args, args.batch_size, device=device)
-    test_data = common.test_loader(args, device=device)
     teacher, _ = common.load_teacher(args, device, "resnet18")
     teacher_st = None
     if args.variant in TWO_TEACHERS:
         teacher_st, _ = common.load_teacher(args, device, "resnet18", prefix="teacher_st")
+    train_data = common.train_loader(args, args.batch_size, device=device)
+    test_data = common.test_loader(args, device=device)
     student = common.prepare_student(common.build_model(args.arch, num_classes), args, device)
     optimizer = common.sgd(student.parameters(), args.lr, args.momentum, args.wd)
     cfg = common.monitor_config(args.monitor, args.dataset)

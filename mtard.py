@@ -234,10 +234,10 @@ def main(argv=None):
     common.seed_everything(args.seed, args.deterministic)
     num_classes = common.DATASETS[args.dataset]
 
-    train_data = common.train_loader(args, args.batch_size, device=device)
-    test_data = common.test_loader(args, device=device)
     adv_teacher, _ = common.load_teacher(args, device, TEACHER_ARCHS["adv_teacher"].get(args.dataset), "adv_teacher")
     nat_teacher, _ = common.load_teacher(args, device, TEACHER_ARCHS["nat_teacher"].get(args.dataset), "nat_teacher")
+    train_data = common.train_loader(args, args.batch_size, device=device)
+    test_data = common.test_loader(args, device=device)
     student = common.prepare_student(common.build_model(args.arch, num_classes), args, device)
     optimizer = common.sgd(student.parameters(), args.lr, args.momentum, args.wd)
     cfg = common.monitor_config(args.monitor, args.dataset)

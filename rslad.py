@@ -197,12 +197,12 @@ def main(argv=None):
     common.seed_everything(args.seed, args.deterministic)
     num_classes = common.DATASETS[args.dataset]
 
-    train_data = common.train_loader(args, args.batch_size, device=device)
-    test_data = common.test_loader(args, device=device)
     default_teacher = "dm_wrn70_16" if args.dataset == "cifar100" else "wrn34_10"
     teacher, _ = common.load_teacher(args, device, default_teacher)
     if args.teacher_dtype == "fp16":
         teacher = teacher.half()  # D-RSLAD-1 alternative: revisions before 9e7a108
+    train_data = common.train_loader(args, args.batch_size, device=device)
+    test_data = common.test_loader(args, device=device)
     student = common.prepare_student(common.build_model(args.arch, num_classes), args, device)
     optimizer = common.sgd(student.parameters(), args.lr, args.momentum, args.wd)
     cfg = common.monitor_config(args.monitor, args.dataset)

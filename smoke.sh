@@ -26,6 +26,7 @@ python iad.py --variant iad2 --teacher "$sat" --teacher-st "$nat" --begin 1 "${s
 python mtard.py --adv-teacher "$sat" --nat-teacher "$nat" "${student[@]}" --runs-dir "$out/mtard" "$@"
 python ardir.py --teacher "$sat" --ir-layers layer1,layer2,layer3 "${student[@]}" --runs-dir "$out/ardir" "$@"
 python adt_aodt.py --method adt --teacher "cnn_small:$nat" "${student[@]}" --runs-dir "$out/adt" "$@"
+echo "   (AODT at this scale is expected to collapse to a constant, ~10% clean: docs/adt_aodt.md §6)"
 python adt_aodt.py --method aodt --peer-arch cnn_small "${student[@]}" --runs-dir "$out/aodt" "$@"
 
 echo "== evaluation (clean, FGSM, PGD, CW-inf, AutoAttack fast) on 200 test images"

@@ -69,7 +69,8 @@ COMMON_DEFAULTS = dict(pad=4, wd_scope="all", momentum=0.9, attack_loss=None, it
 
 
 def parse_args(argv=None):
-    p = common.parser("train_teacher", "Natural training, SAT and TRADES teachers and baselines (docs/train_teacher.md)")
+    p = common.parser("train_teacher", "Natural training, SAT and TRADES teachers and baselines (docs/train_teacher.md)",
+                      epilog=recipes_table())
     p.add_argument("--recipe", required=True, choices=sorted(RECIPES),
                    help="official code path to reproduce; sets every default below (docs/train_teacher.md §1)")
     g = p.add_argument_group("overrides (default: the recipe's value, docs/train_teacher.md §1.9)")
@@ -94,6 +95,18 @@ def parse_args(argv=None):
     common.add_run_args(p, monitor=None, seed=None)
     return common.parse(p, argv, resolve=resolve_defaults, rules={
         "beta": ("a number >= 0", lambda v: v >= 0), "pad": ("a number >= 0", lambda v: v >= 0)}), p
+
+
+def recipes_table():
+    """Each recipe's values, for --help (the overrides' defaults)."""
+    def fmt(v):
+        if isinstance(v, float) and v < 1 and abs(v * 255 - round(v * 255)) < 1e-9:
+            return f"{round(v * 255)}/255"
+        return f"{v:g}" if isinstance(v, float) else ",".join(map(str, v)) if isinstance(v, list) else str(v)
+    lines = ["recipe values (what each override defaults to; lr milestones in epochs, iterations for sat-madry):"]
+    for name, r in RECIPES.items():
+        lines.append(f"  {name}: " + ", ".join(f"{k.replace('_', '-')} {fmt(v)}" for k, v in r.items() if k != "kind"))
+    return "\n".join(lines)
 
 
 def resolve_defaults(args):
@@ -193,7 +206,7 @@ def lr_at(step, args):
 
 def main(argv=None):
     args, _ = parse_args(argv)
-    run = common.Run("train_teacher", args, args.arch)
+    run = common.Run("train_teacher", args, args.arch, variant=args.recipe)
     device = common.setup_device(args)
     common.seed_everything(args.seed, args.deterministic)
     num_classes = common.DATASETS[args.dataset]

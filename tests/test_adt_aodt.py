@@ -347,7 +347,7 @@ def test_smoke_adt_alp_two_members_and_best_reload(cifar_dir, teacher_ckpt, tmp_
                       "--teacher", teacher_ckpt, *TINY, "--epochs", "2", "--data-dir", cifar_dir, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (run,) = (tmp_path / "runs").iterdir()
-    assert run.name.startswith("adt_aodt__cifar10__cnn_small__s1__")
+    assert run.name.startswith("adt_aodt-adt__cifar10__cnn_small__s1__")
     saved = json.loads((run / "args.json").read_text())
     assert saved["teacher_arch"] == ["cnn_small"] * 2 and len(saved["teacher_sha256"]) == 2
     lines = read_metrics(run)

@@ -377,7 +377,7 @@ def test_smoke_subprocess_and_best_reload(combo, beta, cifar_dir, teacher_ckpt, 
                       "--data-dir", cifar_dir, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (run,) = (tmp_path / "runs").iterdir()
-    assert run.name.startswith("ardir__cifar10__cnn_small__s0__")
+    assert run.name.startswith(f"ardir-{combo}__cifar10__cnn_small__s0__")
     saved = json.loads((run / "args.json").read_text())
     assert (saved["combo"], saved["beta"], saved["ir_layers"], saved["teacher_arch"], saved["wd"]) == \
         (combo, beta, ["layer1", "layer2", "layer3"], "cnn_small", 5e-4)

@@ -340,7 +340,7 @@ def test_smoke_subprocess_and_best_reload(variant, cifar_dir, teacher_ckpt, teac
                       "--epochs", "2", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (run,) = (tmp_path / "runs").iterdir()
-    assert run.name.startswith("iad__cifar10__cnn_small__s1__")
+    assert run.name.startswith(f"iad-{variant}__cifar10__cnn_small__s1__")  # the variant in the name
     saved = json.loads((run / "args.json").read_text())
     assert (saved["variant"], saved["teacher_arch"], saved["lr_schedule"]) == (variant, "cnn_small", "code")
     lines = read_metrics(run)

@@ -207,7 +207,7 @@ def test_smoke_subprocess(recipe, cifar_dir, tmp_path):
                       "--device", "cpu", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (run,) = (tmp_path / "runs").iterdir()
-    assert run.name.startswith(f"train_teacher__cifar10__cnn_small__s{args_for(recipe).seed}__")
+    assert run.name.startswith(f"train_teacher-{recipe}__cifar10__cnn_small__s{args_for(recipe).seed}__")
     saved = json.loads((run / "args.json").read_text())
     assert saved["recipe"] == recipe and saved["script"] == "train_teacher"
     metrics = read_metrics(run)

@@ -195,10 +195,10 @@ def main(argv=None):
                    help="untimed steps first (compilation, cuDNN autotuning)")
     p.add_argument("--peak-tflops", type=positive_float, default=None, help="peak TFLOP/s of the device for the MFU")
     p.add_argument("-h", "--help", action="store_true")
-    ours, rest = p.parse_known_args(argv)
-    if ours.help:
+    if "-h" in argv or "--help" in argv:  # before the parse, which would ask for the method first
         print(__doc__)
         return
+    ours, rest = p.parse_known_args(argv)
     eager_argv = [a for a in rest if a not in ("--compile", "--channels-last")]
     drop = {"--amp": 1, "--compile-mode": 1}
     cleaned, skip = [], 0
