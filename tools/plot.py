@@ -4,12 +4,22 @@
     python tools/plot.py runs/*/best_eval_rslad.json --out figures/        # eps curve and per-class bars
 
 Inputs are run folders (or their metrics.jsonl) and eval_attacks.py JSONs, in any mix. Written to --out:
-    training.png   one panel per logged loss term, clean and robust accuracy (train and test; the
-                   teachers' epoch-0 accuracies as thin horizontal lines), lr and images/s against epoch,
-                   with the selected epoch marked (best.pt's; the last epoch for runs that report last.pt)
+    training.png   one panel per logged loss term, clean and robust accuracy (train and test; a second
+                   model's accuracy, such as AODT's peer_clean, in line styles of its own; the teachers'
+                   epoch-0 accuracies as thin horizontal lines), lr and images/s against epoch (integer
+                   ticks), with the selected epoch marked (best.pt's; the last epoch for runs that report
+                   last.pt); the runs' colours in a legend above the panels, the line styles below
     eps_curve.png  robust accuracy against eps, for the JSONs holding an --eps-sweep (clean at eps 0)
-    per_class.png  per-class accuracy bars of clean and each attack, one row of panels per JSON
+    per_class.png  per-class accuracy bars of clean and each attack, one row of panels per JSON, one
+                   colour per attack across the rows and one legend beside them
 Each panel is --panel-size inches at --dpi, so a figure's size in pixels is known in advance.
+
+Each run is labelled by what differs between the runs plotted, read from their args.json: the script,
+method, variant or recipe where those differ, then up to three other flags that differ between the runs
+that share them ("lr 0.05" against "lr 0.02"); paths, the environment and other bookkeeping are not
+compared. A run with nothing of its own is labelled by its folder's name, as is a run plotted alone.
+Evaluations are labelled the same way, from the training flags recorded in each JSON and the
+evaluation's own settings, followed by the checkpoint's file name.
 
 Plotting is an optional extra: pip install -r requirements-plot.txt (matplotlib). The training and
 evaluation scripts never import it.
@@ -24,6 +34,15 @@ from pathlib import Path
 SKIP = {"epoch", "seconds", "monitor_seconds", "best_epoch", "best_value", "diverged"}
 ACCURACY_SUFFIXES = ("clean", "robust", "wrobust", "acc")
 COLUMNS = 3
+LEGEND_FONT = 9  # points: about 12 pixels at the default --dpi 100
+# labels: the flags that say what a run is, compared first; bookkeeping that never tells two runs apart
+IDENTITY = ("script", "method", "variant", "recipe")
+BOOKKEEPING = {"env", "resumes", "data_dir", "runs_dir", "resume", "data_sha256", "progress_every", "tensorboard",
+               "unsafe_load", "override_record"}
+LABEL_FLAGS = 3  # at most this many flags in a label after the identity, then "+N more"
+# accuracy of the trained model: test_* and train_*; any other prefix (AODT's peer_) is a second model
+MAIN_MODEL = ("test", "train")
+OTHER_MODEL_STYLES = [(0, (7, 2, 1, 2, 1, 2)), (0, (12, 4)), (0, (1, 3)), (0, (4, 2, 4, 2, 1, 2))]
 
 
 def fail(msg):
@@ -68,8 +87,9 @@ def read_input(path):
             run_args = json.loads(args_file.read_text()) if args_file.is_file() else {}
         except ValueError:
             run_args = {}
-        return "run", {"name": run_label(metrics.parent.name), "records": records, "args": run_args,
-                       "folder": metrics.parent.resolve()}
+        if not isinstance(run_args, dict):
+            run_args = {}
+        return "run", {"name": metrics.parent.name, "records": records, "args": run_args, "path": str(path)}
     try:
         result = json.loads(path.read_text())
     except OSError as e:
@@ -79,21 +99,77 @@ def read_input(path):
     if not isinstance(result, dict) or result.get("schema") != "suite-eval/1":
         fail(f"{path} is not an eval_attacks.py result (no schema suite-eval/1)")
     ckpt = Path(result.get("checkpoint") or path)
-    return "eval", {"name": f"{run_label(ckpt.parent.name)}/{ckpt.stem}", "result": result, "folder": ckpt.parent}
+    training = result.get("training") or {}
+    # what the evaluation compares on: the training flags, then the evaluation's own settings
+    flags = {"script": training.get("script"), **(training.get("args") or {})} if training else {}
+    flags.update({"preset": result.get("preset"), "eval eps": result.get("eps_str") or result.get("eps"),
+                  "n_ex": result.get("n_ex"), **{f"eval {k}": v for k, v in (result.get("overrides") or {}).items()}})
+    return "eval", {"name": f"{ckpt.parent.name}/{ckpt.name}", "result": result, "args": flags, "path": str(path),
+                    "checkpoint": ckpt.name}
 
 
-def run_label(folder):
-    """runs/<script>__<dataset>__<arch>__s<seed>__<time> -> <script> <dataset> <arch> s<seed>."""
-    parts = folder.split("__")
-    return " ".join(parts[:4]) if len(parts) == 5 else folder
+def show_value(key, value):
+    """A flag's value as a label shows it: 8/255 for a radius or step, 4 significant digits, on/off."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if value is None:
+        return "none"
+    if isinstance(value, float):
+        k = value * 255
+        if ("eps" in key or "step" in key) and 0 < value < 1 and abs(k - round(k)) < 1e-6:
+            return f"{round(k)}/255"
+        return f"{value:.4g}"
+    if isinstance(value, (list, tuple)):
+        return ",".join(show_value(key, v) for v in value) or "[]"
+    if isinstance(value, dict):
+        value = json.dumps(value, sort_keys=True)
+    text = str(value)
+    return text if len(text) <= 32 else "…" + text[-31:]  # a path: its end tells it apart
 
 
-def distinct_names(items):
-    """Prefix the parent folder's name to labels that two inputs share (runs of the same second in two places)."""
-    names = [item["name"] for item in items]
+def show_flag(key, value):
+    return show_value(key, value) if key == "script" else f"{key} {show_value(key, value)}"
+
+
+def differing(flags, keys):
+    """The keys, in their order, whose values are not the same in all of `flags` (a missing key counts)."""
+    return [k for k in keys if len({json.dumps(f.get(k, "<missing>"), sort_keys=True, default=str) for f in flags}) > 1]
+
+
+def label_items(items):
+    """Set item['name'] of each run (or evaluation) to what tells it apart from the others plotted.
+
+    The identity flags (script, method, variant, recipe) that differ come first; then, among the items
+    that share them, up to LABEL_FLAGS other flags that differ, in args.json's order. An item with nothing
+    of its own keeps its folder's name. Evaluations end with the checkpoint's file name."""
+    flags = [{k: v for k, v in item.get("args", {}).items() if k not in BOOKKEEPING} for item in items]
+    labels = [[] for _ in items]
+    if len(items) > 1:
+        identity = differing(flags, IDENTITY)
+        prefixes = [tuple(show_flag(k, f[k]) for k in identity if f.get(k) is not None) for f in flags]
+        for prefix in dict.fromkeys(prefixes):
+            group = [i for i, p in enumerate(prefixes) if p == prefix]
+            keys = list(dict.fromkeys(k for i in group for k in flags[i] if k not in IDENTITY))
+            keys = differing([flags[i] for i in group], keys)
+            for i in group:
+                own = [show_flag(k, flags[i][k]) for k in keys if k in flags[i]]
+                if len(own) > LABEL_FLAGS:
+                    own = own[:LABEL_FLAGS] + [f"+{len(own) - LABEL_FLAGS} more"]
+                labels[i] = [*prefix, *own]
+    names = []
+    for item, words in zip(items, labels):
+        if not words:
+            names.append(item["name"])  # the folder's name (and the checkpoint's, for an evaluation)
+        elif "checkpoint" in item:
+            names.append(f"{' '.join(words)}, {item['checkpoint']}")
+        else:
+            names.append(" ".join(words))
+    # the same label twice (flags alike, or unreadable): the folder's name, then the path given, tells them apart
+    for extra in ([item["name"] for item in items], [item["path"] for item in items]):
+        repeated = {n for n in names if names.count(n) > 1}
+        names = [f"{n} ({e})" if n in repeated and e not in n else n for n, e in zip(names, extra)]
     for item, name in zip(items, names):
-        if names.count(name) > 1:
-            item["name"] = f"{item['folder'].parent.name}/{name}"
+        item["name"] = name
 
 
 def selected_epoch(run):
@@ -143,6 +219,35 @@ def grid(plt, n, args, ncols=COLUMNS):
     return fig, flat[:n]
 
 
+def figure_legend(fig, fallback_ax, handles, where, title=None):
+    """A legend outside the panels (`where`: "upper center", "lower center", "right upper"), in as many
+    columns as the figure's width holds (one when beside the panels); inside `fallback_ax` with a
+    matplotlib older than 3.7, which cannot place one outside."""
+    # an entry's width in inches: its text at about 0.55 em a character, plus the sample line and spacing
+    widths = [len(h.get_label()) * 0.55 * LEGEND_FONT / 72 + 0.8 for h in handles]
+
+    def fits(n):  # matplotlib fills the columns one after the other, each as wide as its widest entry
+        rows = math.ceil(len(widths) / n)
+        return sum(max(widths[c:c + rows]) for c in range(0, len(widths), rows)) <= 0.95 * fig.get_figwidth()
+
+    ncol = 1 if where.startswith("right") else max([n for n in range(1, len(handles) + 1) if fits(n)] or [1])
+    try:
+        return fig.legend(handles=handles, loc=f"outside {where}", ncol=ncol, fontsize=LEGEND_FONT, title=title,
+                          title_fontsize=LEGEND_FONT, frameon=False)
+    except ValueError:  # matplotlib < 3.7: no "outside" locations
+        return fallback_ax.legend(handles=handles, fontsize=LEGEND_FONT, loc="best", title=title,
+                                  title_fontsize=LEGEND_FONT)
+
+
+def model_of(key):
+    """Which model an accuracy key measures: None for the trained model (test_*, train_*), else its prefix."""
+    for sep in ("_", "/"):
+        if sep in key:
+            prefix = key.split(sep, 1)[0]
+            return None if prefix in MAIN_MODEL else prefix
+    return None
+
+
 def accuracy_style(key):
     """Line style of an accuracy key: clean solid, robust dashed, W-Robust dash-dot, train accuracy dotted."""
     last = key.rsplit("/", 1)[-1]
@@ -150,12 +255,30 @@ def accuracy_style(key):
     return next((style for suffix, style in styles if last.endswith(suffix)), ":")
 
 
-def plot_training(plt, runs, args, out):
+def accuracy_styles(keys):
+    """key -> (line style, marker, legend text), in legend order: the trained model's keys by accuracy_style
+    with a dot (test before train, clean before robust); a second model's keys (AODT's peer_clean) each in a
+    dash pattern of their own, with a cross, the model named in the legend text."""
+    order = ("-", "--", "-.", ":")
+    main = sorted((k for k in keys if model_of(k) is None), key=lambda k: (not k.startswith("test"),
+                                                                            order.index(accuracy_style(k)), k))
+    others = sorted(k for k in keys if model_of(k) is not None)
+    styles = {k: (accuracy_style(k), ".", k) for k in main}
+    for i, k in enumerate(others):
+        styles[k] = (OTHER_MODEL_STYLES[i % len(OTHER_MODEL_STYLES)], "x", f"{k} ({model_of(k)} model)")
+    return styles
+
+
+def training_figure(plt, runs, args):
+    """The training.png figure, not yet saved."""
     from matplotlib.lines import Line2D
+    from matplotlib.ticker import MaxNLocator
     panels = panels_of(runs)
     fig, axes = grid(plt, len(panels), args)
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    acc_keys = set()
+    acc_keys = next((keys for title, keys in panels if title.startswith("accuracy")), [])
+    styles = accuracy_styles(acc_keys)
+    drawn, teacher_lines, marked = set(), False, False
     for i, run in enumerate(runs):
         colour = colours[i % len(colours)]
         epochs = [r for r in run["records"] if r.get("epoch", 0) > 0]
@@ -167,39 +290,55 @@ def plot_training(plt, runs, args, out):
                 if not pts:
                     continue
                 scale = 100 if is_acc else 1
-                ax.plot([e for e, _ in pts], [scale * v for _, v in pts], accuracy_style(key) if is_acc else "-",
-                        color=colour, marker="." if len(pts) < 30 else None, label=run["name"])
+                style, marker, _ = styles[key] if is_acc else ("-", ".", None)
+                ax.plot([e for e, _ in pts], [scale * v for _, v in pts], linestyle=style, color=colour,
+                        marker=marker if len(pts) < 30 else None, label=run["name"], gid=key)
                 if is_acc:
-                    acc_keys.add(key)
+                    drawn.add(key)
                     if chosen is not None and key.startswith("test_") and chosen in dict(pts):
                         ax.plot([chosen], [100 * dict(pts)[chosen]], "*", color=colour, markersize=11)
+                        marked = True
             if is_acc:  # the teachers' accuracies, logged once at epoch 0
                 for key, v in next((r for r in run["records"] if r.get("epoch") == 0), {}).items():
                     if key != "epoch" and isinstance(v, (int, float)):
                         ax.axhline(100 * v, color=colour, linewidth=0.7, linestyle=accuracy_style(key), alpha=0.5)
+                        teacher_lines = True
             if chosen is not None:
                 ax.axvline(chosen, color=colour, linestyle=":", linewidth=1)
+                marked = True
     for ax, (title, keys) in zip(axes, panels):
         ax.set_title(title)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
         if title == "lr" and all(r.get("lr", 1) > 0 for run in runs for r in run["records"]):
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
-    # one legend for the runs (colours), one for what the accuracy lines and marks mean
-    handles = [Line2D([], [], color=colours[i % len(colours)], label=run["name"]) for i, run in enumerate(runs)]
-    axes[0].legend(handles=handles, fontsize=6, loc="best")
+    # above the panels, which colour is which run; below, what the line styles and marks mean
+    handles = [Line2D([], [], color=colours[i % len(colours)], linewidth=2, label=run["name"])
+               for i, run in enumerate(runs)]
+    figure_legend(fig, axes[0], handles, "upper center", "runs (colour)")
     acc = next((ax for ax, (t, _) in zip(axes, panels) if t.startswith("accuracy")), None)
-    if acc is not None:
-        styles = [Line2D([], [], color="black", linestyle=accuracy_style(k), label=k) for k in sorted(acc_keys)]
-        styles += [Line2D([], [], color="black", linewidth=0.7, alpha=0.5, label="teacher, epoch 0"),
-                   Line2D([], [], color="black", linestyle=":", marker="*", label="selected epoch")]
-        acc.legend(handles=styles, fontsize=6, loc="best")
+    lines = [Line2D([], [], color="black", linestyle=style, marker=marker, label=text)
+             for k, (style, marker, text) in styles.items() if k in drawn]
+    if teacher_lines:
+        lines.append(Line2D([], [], color="black", linewidth=0.7, alpha=0.5, label="teacher, epoch 0"))
+    if marked:
+        lines.append(Line2D([], [], color="black", linestyle=":", marker="*", markersize=9,
+                            label="selected epoch (every panel)"))
+    if lines:
+        figure_legend(fig, acc if acc is not None else axes[0], lines, "lower center", "accuracy (line style)")
+    return fig
+
+
+def plot_training(plt, runs, args, out):
+    fig = training_figure(plt, runs, args)
     fig.savefig(out, dpi=args.dpi)
     plt.close(fig)
     return out
 
 
-def plot_eps_curve(plt, evals, args, out):
+def eps_figure(plt, evals, args):
+    """The eps_curve.png figure, not yet saved."""
     w, h = args.panel_size
     fig, ax = plt.subplots(figsize=(w * 1.5, h * 1.5), dpi=args.dpi, layout="constrained")
     for e in evals:
@@ -212,7 +351,12 @@ def plot_eps_curve(plt, evals, args, out):
     ax.set_ylabel("robust accuracy (%)")
     ax.set_title("robust accuracy against ε (ε = 0: clean)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    figure_legend(fig, ax, ax.get_legend_handles_labels()[0], "lower center")  # below: never over a curve
+    return fig
+
+
+def plot_eps_curve(plt, evals, args, out):
+    fig = eps_figure(plt, evals, args)
     fig.savefig(out, dpi=args.dpi)
     plt.close(fig)
     return out
@@ -224,25 +368,35 @@ def per_class_series(result):
             for k, v in (result.get("per_class") or {}).items() if not k.startswith("quant.")]
 
 
-def plot_per_class(plt, evals, args, out):
+def per_class_figure(plt, evals, args):
+    """The per_class.png figure, not yet saved: one colour per attack in every row, one legend for all."""
+    from matplotlib.patches import Patch
     n_classes = max(len(e["result"]["per_class"]["clean"]["acc"]) for e in evals)
     w, h = args.panel_size
     width = max(w * 2, 0.5 * n_classes + 2)
     fig, axes = plt.subplots(len(evals), 1, figsize=(width, h * len(evals)), dpi=args.dpi, squeeze=False,
                              layout="constrained")
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    names = list(dict.fromkeys(name for e in evals for name, _ in per_class_series(e["result"])))
+    colour = {name: colours[j % len(colours)] for j, name in enumerate(names)}
     for ax, e in zip(axes[:, 0], evals):
         series = per_class_series(e["result"])
         bar = 0.8 / len(series)
         for j, (name, accs) in enumerate(series):
             xs = [c + (j - (len(series) - 1) / 2) * bar for c in range(len(accs))]
-            ax.bar(xs, [0 if a is None else a for a in accs], width=bar, label=name)
-        names = e["result"].get("class_names") or [str(c) for c in range(n_classes)]
-        ax.set_xticks(range(len(names)), names, rotation=45 if n_classes <= 20 else 90, fontsize=7)
+            ax.bar(xs, [0 if a is None else a for a in accs], width=bar, label=name, color=colour[name])
+        classes = e["result"].get("class_names") or [str(c) for c in range(n_classes)]
+        ax.set_xticks(range(len(classes)), classes, rotation=45 if n_classes <= 20 else 90, fontsize=LEGEND_FONT)
         ax.set_ylabel("accuracy (%)")
         ax.set_ylim(0, 100)
-        ax.set_title(f"{e['name']}: per-class accuracy (n = {e['result'].get('n_ex')})")
+        ax.set_title(f"{e['name']}\nper-class accuracy (n = {e['result'].get('n_ex')})", fontsize=LEGEND_FONT + 1)
         ax.grid(axis="y", alpha=0.3)
-        ax.legend(fontsize=6, ncol=min(len(series), 6))
+    figure_legend(fig, axes[0, 0], [Patch(color=colour[name], label=name) for name in names], "right upper")
+    return fig
+
+
+def plot_per_class(plt, evals, args, out):
+    fig = per_class_figure(plt, evals, args)
     fig.savefig(out, dpi=args.dpi)
     plt.close(fig)
     return out
@@ -262,8 +416,8 @@ def main(argv=None):
     for path in args.inputs:
         kind, item = read_input(path)
         (runs if kind == "run" else evals).append(item)
-    distinct_names(runs)
-    distinct_names(evals)
+    label_items(runs)
+    label_items(evals)
     plt = pyplot()
     out = Path(args.out)
     try:
