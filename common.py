@@ -126,6 +126,14 @@ def parser(script, description, **kwargs):
     return _Parser(script, description=description, formatter_class=_HelpFormatter, allow_abbrev=False, **kwargs)
 
 
+def positive_float(text):
+    """A positive finite number or fraction; for argparse `type=`."""
+    value = parse_float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
+    return value
+
+
 def non_negative_int(text):
     try:
         value = int(text)
@@ -515,6 +523,11 @@ class DeviceLoader:
             yield self._float(random_crop_flip(self.x[idx], self.pad, self.flip, params)), self.y[idx]
 
 
+def default_test_batch(args, device):
+    """The monitor's batch when --test-batch-size is not given: GPU_TEST_BATCH on a GPU, else the official code's."""
+    return GPU_TEST_BATCH if torch.device(device).type == "cuda" else getattr(args, "_test_batch_cpu", None) or 128
+
+
 def check_data(args, split, x, y):
     """The sha256 of a split's images and labels, recorded in args.data_sha256 (args.json, last.pt); a
     resumed run refuses other bytes, as it refuses another teacher file (a moved folder is fine)."""
@@ -538,8 +551,7 @@ def train_loader(args, batch_size, *, device, drop_last=False, pad=4):
 def test_loader(args, *, device, batch_size=None):
     x, y = load_split(args.dataset, args.data_dir, train=False, subset=args.test_subset)
     check_data(args, "test", x, y)
-    batch_size = batch_size or args.test_batch_size or (
-        GPU_TEST_BATCH if torch.device(device).type == "cuda" else getattr(args, "_test_batch_cpu", None) or 128)
+    batch_size = batch_size or args.test_batch_size or default_test_batch(args, device)
     return DeviceLoader(x, y, batch_size, train=False, device=device, channels_last=args.channels_last)
 
 
@@ -1385,7 +1397,7 @@ def setup_device(args):
     if name.startswith("cuda"):  # TF32 exists on CUDA only; leaving the flags alone elsewhere spares recompiles
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = not args.no_tf32
     if getattr(args, "test_batch_size", 0) is None:  # --test-batch-size sized for the device (docs/common.md §7)
-        args.test_batch_size = GPU_TEST_BATCH if name.startswith("cuda") else getattr(args, "_test_batch_cpu", None) or 128
+        args.test_batch_size = default_test_batch(args, name)
     return torch.device(name)
 
 

@@ -13,7 +13,6 @@ defaults, e.g. the attack's steps, are the method's). --steps and --warmup set t
 the peak when the device is not in the table below.
 """
 
-import argparse
 import importlib
 import math
 import sys
@@ -179,13 +178,6 @@ def report(name, r, flops):
     return tflops
 
 
-def positive_float(text):
-    value = common.parse_float(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
-    return value
-
-
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     p = common.parser("tools/bench_train", __doc__.split("\n\n")[0], add_help=False)
@@ -193,7 +185,7 @@ def main(argv=None):
     p.add_argument("--steps", type=common.positive_int, default=20, help="timed steps")
     p.add_argument("--warmup", type=common.non_negative_int, default=3,
                    help="untimed steps first (compilation, cuDNN autotuning)")
-    p.add_argument("--peak-tflops", type=positive_float, default=None, help="peak TFLOP/s of the device for the MFU")
+    p.add_argument("--peak-tflops", type=common.positive_float, default=None, help="peak TFLOP/s of the device for the MFU")
     p.add_argument("-h", "--help", action="store_true")
     if "-h" in argv or "--help" in argv:  # before the parse, which would ask for the method first
         print(__doc__)

@@ -132,13 +132,6 @@ def check_list(text):
     return names
 
 
-def positive_seconds(text):
-    value = common.parse_float(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
-    return value
-
-
 def parse_args(argv):
     p = common.parser("gpu_check", __doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="folder for gpu_check.json (created)")
@@ -146,7 +139,7 @@ def parse_args(argv):
                    help="folder holding cifar-10-batches-py/ (check 4; synthetic images without)")
     p.add_argument("--device", default="cuda", help="cuda, cuda:N; cpu only with --tiny")
     p.add_argument("--tiny", action="store_true", help="cnn_small, batch 8, one attack step, 2 steps: the dry path")
-    p.add_argument("--budget-seconds", type=positive_seconds, default=450.0, help="time bound of the whole run")
+    p.add_argument("--budget-seconds", type=common.positive_float, default=450.0, help="time bound of the whole run")
     p.add_argument("--only", type=check_list, default=list(CHECKS), help=f"comma list of checks ({','.join(CHECKS)})")
     args = p.parse_args(argv)
     if args.device == "cpu" and not args.tiny:

@@ -32,7 +32,6 @@ Exit status 2 with one line on a bad input.
 
 import argparse
 import contextlib
-import hashlib
 import importlib
 import io
 import json
@@ -291,14 +290,6 @@ def phrase(key, ours, theirs, ref="paper", extra=""):
     return f"`{flag}` {mine} {paren}" if isinstance(ours, bool) else f"`{flag} {mine}` {paren}"
 
 
-def file_sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def teacher_files(result):
     """[(who, entry)] for the teacher files the run names: eval_attacks.py's record of each, and for
     adt_aodt's list of --teacher ARCH:CKPT[:NORM], which that record does not follow, entries made here
@@ -307,14 +298,14 @@ def teacher_files(result):
     out = [(TEACHERS.get(k, k), e) for k, e in (training.get("teachers") or {}).items()]
     args = training.get("args") or {}
     specs = args.get("teacher") if training.get("script") == "adt_aodt" else None
+    if specs and str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
     for i, spec in enumerate(specs if isinstance(specs, list) else []):
-        path = str(spec).split(":", 1)[-1]
-        head, _, tail = path.rpartition(":")
-        path = head if head and tail in ("none", "cifar10", "cifar100") else path
+        _, path, _ = importlib.import_module("adt_aodt").parse_member(str(spec))  # ARCH:CKPT[:NORM] as recorded
         entry = {"path": path, "found": Path(path).is_file()}
         hashes = args.get("teacher_sha256") or []
         if entry["found"] and i < len(hashes):
-            entry["same_file"] = file_sha256(path) == hashes[i]
+            entry["same_file"] = importlib.import_module("common").file_sha256(path) == hashes[i]
         beside = Path(path).parent / "args.json"
         if entry["found"] and beside.is_file():
             entry.update(suite=True, script="train_teacher")  # its script is read from that file below
