@@ -1296,6 +1296,23 @@ def norm_name(norm):
     return next((name for name, value in NORMS.items() if value == pair), "custom")
 
 
+def parse_model_spec(text, flag):
+    """'ARCH:CKPT[:NORM]' or 'CKPT[:NORM]' (a command-line model: --teacher of adt_aodt.py, --transfer-from
+    of eval_attacks.py) -> (arch or None, absolute path, norm for load_model: "auto", None or a data set)."""
+    arch, sep, rest = text.partition(":")
+    if not sep or arch not in ARCHS:
+        arch, rest = None, text
+    norm = "auto"
+    head, _, tail = rest.rpartition(":")
+    if head and tail in ("auto", "none", "cifar10", "cifar100"):
+        rest, norm = head, (None if tail == "none" else tail)
+    elif head and not Path(rest).exists() and Path(head).exists():
+        fail(f"{flag} {text!r}: {tail!r} is not a normalisation (auto, none, cifar10, cifar100)")
+    if not rest:
+        fail(f"{flag} {text!r}: expected ARCH:CKPT[:NORM]")
+    return arch, os.path.abspath(rest), norm  # absolute: a resumed run may start from another folder
+
+
 def file_sha256(path):
     h = hashlib.sha256()
     with open(path, "rb") as fh:
