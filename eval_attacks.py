@@ -7,7 +7,9 @@ fra31/auto-attack@a392200; tests/test_autoattack_parity.py). Black-box: transfer
 checkpoint and Square as a query attack. Input quantisation Q (non-adaptive and BPDA) and W-Robust.
 Test split of CIFAR-10, CIFAR-100 or SVHN; one JSON file holds every number.
 
-Specification: docs/eval_attacks.md (section numbers below refer to it).
+Specification: docs/eval_attacks.md (section numbers below refer to it; D-EVAL-n are the decisions of
+its §12, D-ADT-n those of docs/adt_aodt.md). This file reads top down: the protocol (attacks, radii,
+presets), how accuracies are counted, the attacks, main(), and at the end the AutoAttack engine.
 
 Headline command (one row of RSLAD Table 2 / MTARD Table 2: clean, FGSM, PGD_SAT, PGD_TRADES, CW-inf, AA):
 
@@ -29,6 +31,7 @@ TRADES WRN-34-10 should give clean 84.92, PGD_TRADES 56.61 (uniform start) and A
 """
 
 import argparse
+import dataclasses
 import math
 import sys
 import time
@@ -43,10 +46,11 @@ import common
 
 
 # ======================================================================================
-# Setup: presets, flags, guards, progress (§1, §2)
+# Protocol (§2, §3): the attacks, their radius, steps and step size, and the presets
 # ======================================================================================
 
-# step None = eps. Sources in §3.
+# Each white-box attack: steps x step size (None: the radius eps, as FGSM), start (one of STARTS, the named
+# starts of docs/conventions.md) and loss (ce: mean cross-entropy; cw: the CW-inf margin). Sources in §3.
 WHITEBOX = {
     "fgsm": dict(steps=1, step=None, start="none", loss="ce"),
     "fgsm_rand": dict(steps=1, step=None, start="uniform-clamp", loss="ce"),  # IAD basic_eval.py runs random=True
@@ -61,6 +65,9 @@ WHITEBOX = {
     "cw1000": dict(steps=1000, step=0.003, start="uniform", loss="cw", kappa=50.0),
 }
 
+# A preset: eps, the white-box attacks (long: added by --long), AutoAttack's version, the attacks crafted
+# on a --transfer-from surrogate, the attacks under input quantisation (--quant-grid; quant_long: added by
+# --long), and per-preset changes of WHITEBOX entries (tweaks; svhn_tweaks on SVHN only).
 PRESETS = {
     "rslad": dict(eps="8/255", whitebox=["fgsm", "pgd_sat", "pgd_trades", "cw"], aa="standard",
                   transfer=["pgd20", "cw"], quant=["fgsm20", "cw20"]),
@@ -71,85 +78,13 @@ PRESETS = {
     "adt": dict(eps="0.031", whitebox=["fgsm_adt", "fgsm", "fgsm20", "cw20"], long=["fgsm1000"], aa="off",
                 transfer=["fgsm20"], quant=["fgsm20", "cw20"], quant_long=["fgsm1000", "cw1000"]),
 }
+
 PRESET_ALIASES = {"mtard": "rslad", "ard": "rslad"}
 STARTS = ("none", "uniform", "uniform-clamp", "normal001")
+# The attacks of each AutoAttack version (run in this order) and the JSON key of its result.
 AA_VERSIONS = {"standard": ["apgd-ce", "apgd-t", "fab-t", "square"], "fast": ["apgd-ce", "apgd-t"],
                "rand": ["apgd-ce", "apgd-dlr"], "individual": ["apgd-ce", "apgd-t", "fab-t", "square"]}
 AA_JSON_KEY = {"standard": "autoattack", "fast": "aa_fast", "rand": "aa_rand", "individual": "autoattack_individual"}
-
-
-def parse_args(argv=None):
-    p = common.parser("eval_attacks", __doc__.split("\n\n")[0] + "\n(§ numbers below: docs/eval_attacks.md)")
-    p.add_argument("checkpoint", help="any checkpoint common.load_model reads (suite last.pt/best.pt or official files)")
-    g = p.add_argument_group("model and data (§1)")
-    g.add_argument("--arch", default=None, help="architecture (required for non-suite checkpoints)")
-    g.add_argument("--shortcut-from", choices=["act", "input"], default=None,
-                   help="a preact_resnet18 file not written by the suite: what feeds its projection shortcuts, "
-                        "relu(bn1(x)) (act: IAD/ARD layout) or x (input: fast_adversarial, RobustBench) (docs/common.md §4)")
-    g.add_argument("--norm", default="auto", choices=["auto", "none", "cifar10", "cifar100"],
-                   help="input normalisation inside the model; auto = the suite checkpoint's record, else the arch default")
-    g.add_argument("--unsafe-load", action="store_true", help="allow pickle execution when loading (trusted files only)")
-    g.add_argument("--dataset", default=None, choices=sorted(common.DATASETS),
-                   help="test split (default: the suite checkpoint's data set, else from the head width)")
-    g.add_argument("--override-record", action="store_true",
-                   help="use --dataset and --norm even where a suite checkpoint records another data set or "
-                        "normalisation (refused otherwise)")
-    g.add_argument("--data-dir", default="./data", help="folder holding the standard layout")
-    g.add_argument("--n-ex", type=common.positive_int, default=None, help="evaluate the first N test points (default all)")
-    g.add_argument("--bs", type=common.positive_int, default=250, help="batch size of the non-AutoAttack attacks")
-    g.add_argument("--seed", type=int, default=0, help="seed of the random starts (every attack starts from it)")
-    g.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
-    g.add_argument("--tf32", action="store_true", help="allow TF32 (off by default: evaluation runs in true fp32)")
-    g.add_argument("--deterministic", action="store_true",
-                   help="deterministic cuDNN kernels and torch.use_deterministic_algorithms (slower)")
-    g.add_argument("--amp", nargs="?", const="on", default=None,
-                   help="refused: attacks run in fp32 (fp16 zeroes small gradients and DLR's 1e-12 denominators)")
-    g = p.add_argument_group("white-box attacks (§2, §3)")
-    g.add_argument("--preset", default="rslad", choices=sorted(PRESETS) + sorted(PRESET_ALIASES),
-                   help="paper protocol: eps and every attack parameter (§2)")
-    g.add_argument("--eps", default=None, help="L-inf radius (fraction or float); default from the preset")
-    g.add_argument("--attacks", default=None,
-                   help=f"comma list of white-box attacks replacing the preset's ({', '.join(WHITEBOX)}), or 'none'")
-    g.add_argument("--long", action="store_true", help="adt preset: also FGSM^1000 (and CW1000 under Q)")
-    g.add_argument("--fgsm-start", choices=STARTS, default=None, help="start of `fgsm` (D-EVAL-1; preset: none)")
-    g.add_argument("--pgd-start", choices=STARTS, default=None,
-                   help="start of the multi-step CE attacks (D-EVAL-2; preset: uniform-clamp, adt uniform)")
-    g.add_argument("--cw-steps", type=common.positive_int, default=None, help="CW-inf steps (preset: 20; iad 30)")
-    g.add_argument("--cw-step", type=common.parse_float, default=None, help="CW-inf step size (preset: 2/255; adt 0.003)")
-    g.add_argument("--cw-kappa", type=common.parse_float, default=None, help="CW-inf confidence kappa (preset: 50)")
-    g.add_argument("--cw-start", choices=STARTS, default=None, help="CW-inf start (preset: uniform-clamp; adt uniform)")
-    g.add_argument("--eps-sweep", default=None, metavar="EPS,EPS,...",
-                   help="comma list of L-inf radii, e.g. 2/255,4/255,8/255,16/255: robust accuracy of --sweep-attack "
-                        "at each, with the attack's own steps and step size (JSON eps_sweep, §9)")
-    g.add_argument("--sweep-attack", default=None,
-                   help="attack of --eps-sweep: a white-box name or autoattack (the --aa version, standard when off); "
-                        "default: the preset's first PGD attack (pgd_sat; pgd20 for iad and ardir; fgsm20 for adt)")
-    g = p.add_argument_group("AutoAttack (§4)")
-    g.add_argument("--aa", default=None, choices=["standard", "fast", "rand", "individual", "off"],
-                   help="AutoAttack version; default from the preset (standard; adt off)")
-    g.add_argument("--aa-bs", type=common.positive_int, default=250, help="AutoAttack batch size (part of the result, D-EVAL-7)")
-    g.add_argument("--aa-seed", type=int, default=0, help="AutoAttack seed, set per attack and batch (D-EVAL-7)")
-    g = p.add_argument_group("black-box (§5, §6)")
-    g.add_argument("--transfer-from", default=None, metavar="ARCH:CKPT[:NORM]",
-                   help="surrogate for transfer attacks (RSLAD: a SAT ResNet-50, D-EVAL-4)")
-    g.add_argument("--transfer-shortcut-from", choices=["act", "input"], default=None,
-                   help="as --shortcut-from, for a preact_resnet18 surrogate file not written by the suite")
-    g.add_argument("--transfer-attacks", default=None,
-                   help="comma list of attacks crafted on the surrogate (preset: pgd20,cw; adt fgsm20)")
-    g.add_argument("--square-bb", action="store_true", help="Square alone as a query-based black-box attack")
-    g.add_argument("--square-queries", type=common.positive_int, default=5000, help="query budget of --square-bb (D-EVAL-5)")
-    g = p.add_argument_group("input quantisation Q (§7)")
-    g.add_argument("--quant-bits", type=common.positive_int, default=None, help="bit depth b of Q_b")
-    g.add_argument("--quant-grid", default=None, help="comma list of bit depths, e.g. 3,4,5,6,7,8 (D-EVAL-6)")
-    g.add_argument("--quant-mode", default="nonadaptive", choices=["nonadaptive", "bpda"],
-                   help="bpda also runs the straight-through adaptive attack (reported next to non-adaptive)")
-    g = p.add_argument_group("output (§9)")
-    g.add_argument("--json", default=None,
-                   help="output file (default: <checkpoint dir>/<checkpoint name>_eval_<preset>.json, e.g. best_eval_rslad.json)")
-    g.add_argument("--force", action="store_true", help="overwrite the output file if it exists")
-    g.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
-    return common.parse(p, argv, rules={"cw_step": ("a positive number", common._positive),
-                                          "cw_kappa": ("a number >= 0", lambda v: v >= 0)})
 
 
 def resolve_protocol(args, dataset):
@@ -225,57 +160,36 @@ def resolve_sweep(args, spec, aa, params):
     return {"attack": name, "aa_version": aa_version, "points": points}
 
 
-def freeze_for_attack(model):
-    """eval() and frozen parameters (§1): FAB's backward would otherwise fill parameter gradients."""
-    model.eval()
-    model.requires_grad_(False)
-    return model
+# ======================================================================================
+# Counting (§1, §3, §8, §9). acc = the fraction of the evaluated points whose final adversarial example
+# is classified correctly (as the official scripts count; a point wrong on its clean image may, rarely,
+# count); acc_and_clean = correct on the clean image and after the attack (AutoAttack's acc equals it
+# by construction); W-Robust = (clean + acc) / 2. Then per-class counts, near-ties and the table.
+# ======================================================================================
+
+def w_robust(clean, robust):
+    """MTARD's W-Robust with pi_nat = pi_adv = 0.5 (§8)."""
+    return (clean + robust) / 2
 
 
-def check_frozen(model, what):
-    """Fail loudly if something switched the model back to train mode or unfroze it mid-run."""
-    if any(m.training for m in model.modules()) or any(p.requires_grad for p in model.parameters()):
-        common.fail(f"{what}: the model left eval() mode or has trainable parameters during the evaluation")
+def accuracy_record(correct, clean_correct, clean_acc, params, seconds):
+    acc = correct.double().mean().item()
+    return {"params": params, "acc": acc, "acc_and_clean": (correct & clean_correct).double().mean().item(),
+            "n_correct": int(correct.sum()), "w_robust": w_robust(clean_acc, acc), "seconds": round(seconds, 3)}
 
 
-class Progress:
-    """Progress with ETA on stderr, at most one line per `every` seconds (nothing for short attacks)."""
-
-    def __init__(self, name, total, quiet=False, every=10.0):
-        self.name, self.total, self.quiet, self.every = name, total, quiet, every
-        self.start = self.last = time.perf_counter()
-
-    def update(self, done, note=""):
-        now = time.perf_counter()
-        if self.quiet or now - self.last < self.every or not common.is_main():  # short attacks print nothing
-            return
-        self.last = now
-        elapsed = now - self.start
-        eta = elapsed / max(done, 1e-9) * (self.total - done)
-        print(f"  [{self.name}] {done}/{self.total} {note} elapsed {_hms(elapsed)} ETA {_hms(eta)}",
-              file=sys.stderr, flush=True)
-
-
-def _hms(seconds):
-    seconds = int(round(seconds))
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
-
-
-def predict(model, x):
-    with torch.no_grad():
-        return model(x).max(1)[1]
-
-
-def check_bounds(x_adv, x, eps, what):
-    """Fail on NaN, values outside [0,1] or a perturbation above eps + 1e-6; returns the max L-inf."""
-    if torch.isnan(x_adv).any():
-        common.fail(f"{what}: the adversarial examples hold NaNs")
-    if x_adv.min() < 0 or x_adv.max() > 1:
-        common.fail(f"{what}: adversarial values outside [0,1] ({x_adv.min().item():.6g}, {x_adv.max().item():.6g})")
-    linf = (x_adv - x).abs().flatten(1).max(1)[0].max().item()
-    if linf > eps + 1e-6:
-        common.fail(f"{what}: perturbation {linf:.6g} exceeds eps {eps:.6g}")
-    return linf
+def class_stats(correct, y, num_classes):
+    """Per-class accuracy of per-point flags (§9): points and correct points per class, accuracies, the
+    worst and best class and the spread (best - worst). A class without evaluated points has accuracy
+    None and is left out of worst, best and spread; ties go to the lower class index."""
+    n = torch.bincount(y, minlength=num_classes)
+    k = torch.bincount(y[correct], minlength=num_classes)
+    acc = [k[c].item() / n[c].item() if n[c] else None for c in range(num_classes)]
+    present = [c for c in range(num_classes) if n[c]]
+    worst = min(present, key=lambda c: (acc[c], c))
+    best = min(present, key=lambda c: (-acc[c], c))
+    return {"n": n.tolist(), "n_correct": k.tolist(), "acc": acc, "worst_class": worst, "worst_acc": acc[worst],
+            "best_class": best, "best_acc": acc[best], "spread": acc[best] - acc[worst]}
 
 
 # Near-tie rule (§1), shared by checked_predict and reevaluate: two passes over the same input may disagree
@@ -299,6 +213,54 @@ def near_tie(logits, tf32=False):
     return margin, tol, margin <= tol
 
 
+CLASS_NAMES = {"cifar10": ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"),
+               "svhn": tuple(str(d) for d in range(10))}
+
+TABLE_HEADER = f"{'attack':<24} {'acc':>8} {'acc&clean':>10} {'W-Robust':>9} {'seconds':>9} {'spread':>7} worst class"
+
+TABLE_LEGEND = ("acc: robust accuracy (%); acc&clean: points both clean-correct and robust; W-Robust: (clean + acc)/2; "
+                "spread: best minus worst class accuracy; worst class: its accuracy and name (§9)")
+
+
+def table_row(name, acc, acc_and_clean=None, wr=None, seconds=None, per_class=None, names=None):
+    cells = [f"{name:<24}", f"{100 * acc:>8.2f}"]
+    cells.append(f"{100 * acc_and_clean:>10.2f}" if acc_and_clean is not None else " " * 10)
+    cells.append(f"{100 * wr:>9.2f}" if wr is not None else " " * 9)
+    cells.append(f"{seconds:>9.1f}" if seconds is not None else " " * 9)
+    if per_class is not None:
+        worst = per_class["worst_class"]
+        label = f"{worst} {names[worst]}" if names and names[worst] != str(worst) else str(worst)
+        cells.append(f"{100 * per_class['spread']:>7.2f} {100 * per_class['worst_acc']:.2f} ({label})")
+    return " ".join(cells).rstrip()
+
+
+# ======================================================================================
+# Scoring guards (§1, §4.1): frozen model, bounds, a scoring pass separate from the attack's
+# ======================================================================================
+
+def check_frozen(model, what):
+    """Fail loudly if something switched the model back to train mode or unfroze it mid-run."""
+    if any(m.training for m in model.modules()) or any(p.requires_grad for p in model.parameters()):
+        common.fail(f"{what}: the model left eval() mode or has trainable parameters during the evaluation")
+
+
+def predict(model, x):
+    with torch.no_grad():
+        return model(x).max(1)[1]
+
+
+def check_bounds(x_adv, x, eps, what):
+    """Fail on NaN, values outside [0,1] or a perturbation above eps + 1e-6; returns the max L-inf."""
+    if torch.isnan(x_adv).any():
+        common.fail(f"{what}: the adversarial examples hold NaNs")
+    if x_adv.min() < 0 or x_adv.max() > 1:
+        common.fail(f"{what}: adversarial values outside [0,1] ({x_adv.min().item():.6g}, {x_adv.max().item():.6g})")
+    linf = (x_adv - x).abs().flatten(1).max(1)[0].max().item()
+    if linf > eps + 1e-6:
+        common.fail(f"{what}: perturbation {linf:.6g} exceeds eps {eps:.6g}")
+    return linf
+
+
 def checked_predict(model, x_adv, x, eps, what, deterministic=True, tf32=False):
     """Score an adversarial batch in passes separate from the attack's, after checking its bounds (§1).
 
@@ -318,8 +280,36 @@ def checked_predict(model, x_adv, x, eps, what, deterministic=True, tf32=False):
     return pred
 
 
+MOVED_KEYS = ("acc_from", "reevaluated_acc", "n_disagree", "n_near_tie", "near_tie_tol", "disagreements")
+
+
+def reevaluate(model, x, y, result, eps, bs, device, what, tf32=False):
+    """The suite's re-evaluation (§4.1): a separate pass over x_adv in batches of `bs`, after checking its
+    bounds. The attack's robust flags stay the result (`acc_from`); every point whose re-evaluated
+    prediction differs from its flag is listed with its top-2 margin and whether near_tie(logits, tf32)
+    calls it a near-tie. What a disagreement means is the caller's (note_reevaluation)."""
+    x_adv, robust = result["x_adv"], result["robust"]
+    stats = dict(max_linf=check_bounds(x_adv, x, eps, what), n_nan=0, x_min=x_adv.min().item(),
+                 x_max=x_adv.max().item())
+    correct, tie = torch.zeros(len(y), dtype=torch.bool), torch.zeros(len(y), dtype=torch.bool)
+    margin, tol = torch.zeros(len(y)), torch.zeros(len(y))
+    with torch.no_grad():
+        for lo in range(0, len(y), bs):
+            logits = model(x_adv[lo:lo + bs].to(device))
+            correct[lo:lo + bs] = (logits.max(1)[1] == y[lo:lo + bs].to(device)).cpu()
+            m, t, k = near_tie(logits, tf32)
+            margin[lo:lo + bs], tol[lo:lo + bs], tie[lo:lo + bs] = m.cpu(), t.cpu(), k.cpu()
+    moved = (correct != robust).nonzero().flatten().tolist()
+    atol, rtol = NEAR_TIE[bool(tf32)]
+    stats.update(acc_from="robust_flags", reevaluated_acc=correct.double().mean().item(), n_disagree=len(moved),
+                 n_near_tie=int(tie[moved].sum()), near_tie_tol={"tf32": bool(tf32), "atol": atol, "rtol": rtol},
+                 disagreements=[{"index": i, "robust": bool(robust[i]), "margin": margin[i].item(),
+                                 "tol": tol[i].item(), "near_tie": bool(tie[i])} for i in moved])
+    return stats
+
+
 # ======================================================================================
-# White-box attacks other than AutoAttack (§3): one PGD routine
+# White-box attacks other than AutoAttack (§3): FGSM, PGD, FGSM^k and CW-inf are one PGD routine
 # ======================================================================================
 
 def cw_loss(logits, y, kappa=50.0):
@@ -333,8 +323,9 @@ def cw_loss(logits, y, kappa=50.0):
 
 
 def random_start(x, eps, start, noise=None):
-    """Named starts of docs/conventions.md; draws on x's device from the default generator, unless
-    `noise` (the start's perturbation, for tests) is given."""
+    """The start point of a named start of docs/conventions.md: x + noise, clamped to [0,1] only for
+    'uniform-clamp' (x itself for 'none'). The noise, N(0, 0.001^2) for 'normal001' and U(-eps, eps)
+    otherwise, is drawn on x's device from the default generator unless given (tests)."""
     if start == "none":
         return x.clone()
     if noise is None:
@@ -343,12 +334,13 @@ def random_start(x, eps, start, noise=None):
     return x_adv.clamp(0, 1) if start == "uniform-clamp" else x_adv
 
 
-def pgd(model, x, y, eps, steps, step, start="uniform-clamp", loss="ce", kappa=50.0, noise=None):
+def pgd(model, x, y, eps, steps, step, start="uniform-clamp", loss="ce", kappa=50.0, x_start=None):
     """PGD of docs/conventions.md (sign step, project to the eps-ball, clamp to [0,1]); last iterate.
 
-    Drives FGSM (one step of eps), PGD_SAT, PGD_TRADES, PGD-20, FGSM^k (loss 'ce', CE_mean) and CW-inf
-    (loss 'cw', summed)."""
-    x_adv = random_start(x, eps, start, noise)
+    Drives FGSM (one step of eps), PGD_SAT, PGD_TRADES, PGD-20, FGSM^k (loss 'ce': the batch-mean
+    cross-entropy) and CW-inf (loss 'cw', summed over the batch). Starts from `x_start`, else from
+    random_start(x, eps, start)."""
+    x_adv = random_start(x, eps, start) if x_start is None else x_start
     for _ in range(steps):
         x_adv = x_adv.detach().requires_grad_(True)
         with torch.enable_grad():
@@ -376,12 +368,12 @@ def run_attack(attack_model, score_models, x, y, eps, params, bs, device, name, 
     bar = Progress(name, len(y), quiet)
     for b, lo in enumerate(range(0, len(y), bs)):
         xb, yb = x[lo:lo + bs].to(device), y[lo:lo + bs].to(device)
-        noise = start_noise(xb, eps, params["start"])  # drawn on every rank: the stream equals one process's
+        x_start = random_start(xb, eps, params["start"])  # drawn on every rank: the stream equals one process's
         if b % world_size != rank:  # torchrun: the batches are shared round robin
             continue
         check_frozen(attack_model, name)
         x_adv = pgd(attack_model, xb, yb, eps, params["steps"], params["step"], params["start"], params["loss"],
-                    params.get("kappa", 50.0), noise=noise)
+                    params.get("kappa", 50.0), x_start=x_start)
         max_linf = max(max_linf, (x_adv - xb).abs().max().item())
         for c, m in zip(correct, score_models):
             c[lo:lo + bs] = (checked_predict(m, x_adv, xb, eps, name, deterministic, tf32) == yb).cpu()
@@ -395,17 +387,31 @@ def run_attack(attack_model, score_models, x, y, eps, params, bs, device, name, 
     return correct
 
 
-def start_noise(x, eps, start):
-    """The random start's perturbation as random_start draws it (None for no start)."""
-    if start == "none":
-        return None
-    return 0.001 * torch.randn_like(x) if start == "normal001" else torch.empty_like(x).uniform_(-eps, eps)
+# ======================================================================================
+# Progress lines and torchrun sharing (batches round robin over the ranks)
+# ======================================================================================
+
+class Progress:
+    """Progress with ETA on stderr, at most one line per `every` seconds (nothing for short attacks)."""
+
+    def __init__(self, name, total, quiet=False, every=10.0):
+        self.name, self.total, self.quiet, self.every = name, total, quiet, every
+        self.start = self.last = time.perf_counter()
+
+    def update(self, done, note=""):
+        now = time.perf_counter()
+        if self.quiet or now - self.last < self.every or not common.is_main():  # short attacks print nothing
+            return
+        self.last = now
+        elapsed = now - self.start
+        eta = elapsed / max(done, 1e-9) * (self.total - done)
+        print(f"  [{self.name}] {done}/{self.total} {note} elapsed {_hms(elapsed)} ETA {_hms(eta)}",
+              file=sys.stderr, flush=True)
 
 
-def merge(t, mine, attacked, device):
-    """Under torchrun, after one attack of the ensemble: the owner's entry for every attacked point, the
-    (already equal) entry elsewhere."""
-    return torch.where(attacked.view(-1, *[1] * (t.dim() - 1)), from_owners(t, mine, device), t)
+def _hms(seconds):
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
 def from_owners(t, mine, device, op="sum"):
@@ -420,14 +426,531 @@ def from_owners(t, mine, device, op="sum"):
     return v.to(dtype).cpu()
 
 
-def w_robust(clean, robust):
-    """MTARD's W-Robust with pi_nat = pi_adv = 0.5 (§8)."""
-    return (clean + robust) / 2
+def merge(t, mine, attacked, device):
+    """Under torchrun, after one attack of the ensemble: the owner's entry for every attacked point, the
+    (already equal) entry elsewhere."""
+    return torch.where(attacked.view(-1, *[1] * (t.dim() - 1)), from_owners(t, mine, device), t)
 
 
 # ======================================================================================
-# AutoAttack, version standard, L-inf (§4). Every random number is a CPU float32 torch.rand moved to
-# the device, after torch.manual_seed(seed) once per attack and batch (§4.6), as the official code.
+# Input quantisation Q (§7)
+# ======================================================================================
+
+def quantize(x, bits):
+    """Q_b(x) = round(x (2^b - 1)) / (2^b - 1): bit-depth reduction (Xu et al., NDSS 2018)."""
+    levels = 2 ** bits - 1
+    return torch.round(x * levels) / levels
+
+
+class Quantized(nn.Module):
+    """g = f o Q_b. With bpda=True (BPDA, Backward Pass Differentiable Approximation) the backward pass
+    is the identity: the forward computes x + (Q_b(x) - x).detach()."""
+
+    def __init__(self, model, bits, bpda=False):
+        super().__init__()
+        self.model, self.bits, self.bpda = model, bits, bpda
+
+    def forward(self, x):
+        q = quantize(x, self.bits)
+        if self.bpda:
+            q = x + (q - x).detach()
+        return self.model(q)
+
+
+# ======================================================================================
+# Main: command line, loading, the evaluation steps, the table and the JSON (§9). Transfer (§5)
+# crafts on the surrogate with run_attack; Square as a query attack (§6) is autoattack() with
+# attacks=['square']
+# ======================================================================================
+
+def parse_args(argv=None):
+    p = common.parser("eval_attacks", __doc__.split("\n\n")[0] + "\n(§ numbers below: docs/eval_attacks.md)")
+    p.add_argument("checkpoint", help="any checkpoint common.load_model reads (suite last.pt/best.pt or official files)")
+    g = p.add_argument_group("model and data (§1)")
+    g.add_argument("--arch", default=None, help="architecture (required for non-suite checkpoints)")
+    g.add_argument("--shortcut-from", choices=["act", "input"], default=None,
+                   help="a preact_resnet18 file not written by the suite: what feeds its projection shortcuts, "
+                        "relu(bn1(x)) (act: IAD/ARD layout) or x (input: fast_adversarial, RobustBench) (docs/common.md §4)")
+    g.add_argument("--norm", default="auto", choices=["auto", "none", "cifar10", "cifar100"],
+                   help="input normalisation inside the model; auto = the suite checkpoint's record, else the arch default")
+    g.add_argument("--unsafe-load", action="store_true", help="allow pickle execution when loading (trusted files only)")
+    g.add_argument("--dataset", default=None, choices=sorted(common.DATASETS),
+                   help="test split (default: the suite checkpoint's data set, else from the head width)")
+    g.add_argument("--override-record", action="store_true",
+                   help="use --dataset and --norm even where a suite checkpoint records another data set or "
+                        "normalisation (refused otherwise)")
+    g.add_argument("--data-dir", default="./data", help="folder holding the standard layout")
+    g.add_argument("--n-ex", type=common.positive_int, default=None, help="evaluate the first N test points (default all)")
+    g.add_argument("--bs", type=common.positive_int, default=250, help="batch size of the non-AutoAttack attacks")
+    g.add_argument("--seed", type=int, default=0, help="seed of the random starts (every attack starts from it)")
+    g.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
+    g.add_argument("--tf32", action="store_true",
+                   help="allow TF32 in matmuls and convolutions (off by default: true fp32). There is no bf16/fp16 "
+                        "option: the attacks always run in fp32 (fp16 zeroes small input gradients and the 1e-12 "
+                        "denominators of AutoAttack's DLR loss)")
+    g.add_argument("--deterministic", action="store_true",
+                   help="deterministic cuDNN kernels and torch.use_deterministic_algorithms (slower)")
+    g = p.add_argument_group("white-box attacks (§2, §3)")
+    g.add_argument("--preset", default="rslad", choices=sorted(PRESETS) + sorted(PRESET_ALIASES),
+                   help="paper protocol: eps and every attack parameter (§2)")
+    g.add_argument("--eps", default=None, help="L-inf radius (fraction or float); default from the preset")
+    g.add_argument("--attacks", default=None,
+                   help=f"comma list of white-box attacks replacing the preset's ({', '.join(WHITEBOX)}), or 'none'")
+    g.add_argument("--long", action="store_true", help="adt preset: also FGSM^1000 (and CW1000 under Q)")
+    g.add_argument("--fgsm-start", choices=STARTS, default=None, help="start of `fgsm` (D-EVAL-1; preset: none)")
+    g.add_argument("--pgd-start", choices=STARTS, default=None,
+                   help="start of the multi-step CE attacks (D-EVAL-2; preset: uniform-clamp, adt uniform)")
+    g.add_argument("--cw-steps", type=common.positive_int, default=None, help="CW-inf steps (preset: 20; iad 30)")
+    g.add_argument("--cw-step", type=common.parse_float, default=None, help="CW-inf step size (preset: 2/255; adt 0.003)")
+    g.add_argument("--cw-kappa", type=common.parse_float, default=None, help="CW-inf confidence kappa (preset: 50)")
+    g.add_argument("--cw-start", choices=STARTS, default=None, help="CW-inf start (preset: uniform-clamp; adt uniform)")
+    g.add_argument("--eps-sweep", default=None, metavar="EPS,EPS,...",
+                   help="comma list of L-inf radii, e.g. 2/255,4/255,8/255,16/255: robust accuracy of --sweep-attack "
+                        "at each, with the attack's own steps and step size (JSON eps_sweep, §9)")
+    g.add_argument("--sweep-attack", default=None,
+                   help="attack of --eps-sweep: a white-box name or autoattack (the --aa version, standard when off); "
+                        "default: the preset's first PGD attack (pgd_sat; pgd20 for iad and ardir; fgsm20 for adt)")
+    g = p.add_argument_group("AutoAttack (§4)")
+    g.add_argument("--aa", default=None, choices=["standard", "fast", "rand", "individual", "off"],
+                   help="AutoAttack version; default from the preset (standard; adt off)")
+    g.add_argument("--aa-bs", type=common.positive_int, default=250, help="AutoAttack batch size (part of the result, D-EVAL-7)")
+    g.add_argument("--aa-seed", type=int, default=0, help="AutoAttack seed, set per attack and batch (D-EVAL-7)")
+    g = p.add_argument_group("black-box (§5, §6)")
+    g.add_argument("--transfer-from", default=None, metavar="ARCH:CKPT[:NORM]",
+                   help="surrogate for transfer attacks (RSLAD: a ResNet-50 with standard adversarial training, D-EVAL-4); ARCH may be left out "
+                        "for a suite checkpoint, NORM is auto (default), none, cifar10 or cifar100")
+    g.add_argument("--transfer-shortcut-from", choices=["act", "input"], default=None,
+                   help="as --shortcut-from, for a preact_resnet18 surrogate file not written by the suite")
+    g.add_argument("--transfer-attacks", default=None,
+                   help="comma list of attacks crafted on the surrogate (preset: pgd20,cw; adt fgsm20)")
+    g.add_argument("--square-bb", action="store_true", help="Square alone as a query-based black-box attack")
+    g.add_argument("--square-queries", type=common.positive_int, default=5000, help="query budget of --square-bb (D-EVAL-5)")
+    g = p.add_argument_group("input quantisation Q (§7)")
+    g.add_argument("--quant-bits", type=common.positive_int, default=None, help="bit depth b of Q_b")
+    g.add_argument("--quant-grid", default=None, help="comma list of bit depths, e.g. 3,4,5,6,7,8 (D-EVAL-6)")
+    g.add_argument("--quant-mode", default="nonadaptive", choices=["nonadaptive", "bpda"],
+                   help="bpda also runs the straight-through adaptive attack (reported next to non-adaptive)")
+    g = p.add_argument_group("output (§9)")
+    g.add_argument("--json", default=None,
+                   help="output file (default: <checkpoint dir>/<checkpoint name>_eval_<preset>.json, e.g. best_eval_rslad.json)")
+    g.add_argument("--force", action="store_true", help="overwrite the output file if it exists")
+    g.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    return common.parse(p, argv, rules={"cw_step": ("a positive number", common._positive),
+                                          "cw_kappa": ("a number >= 0", lambda v: v >= 0)})
+
+
+def parse_grid(args):
+    text = args.quant_grid or (str(args.quant_bits) if args.quant_bits else "")
+    try:
+        grid = [int(b) for b in text.split(",") if b.strip()]
+    except ValueError:
+        common.fail(f"--quant-grid {text!r}: expected a comma list of bit depths, e.g. 3,4,5,6,7,8")
+    if any(not 1 <= b <= 16 for b in grid):
+        common.fail("--quant-grid: bit depths must lie in 1..16")
+    return grid
+
+
+def output_path(args, preset):
+    """The JSON file, named after the checkpoint so that best.pt and last.pt of one run give two files;
+    checked before any attack runs: an existing file needs --force, the folder must be writable."""
+    ckpt = Path(args.checkpoint)
+    path = Path(args.json) if args.json else ckpt.resolve().parent / f"{ckpt.stem}_eval_{preset}.json"
+    if path.is_dir():
+        common.fail(f"--json {path} is a directory; name a file")
+    if path.exists() and not args.force:
+        common.fail(f"{path} exists; pass --force to overwrite it or --json to write elsewhere")
+    common.check_writable(path.parent)
+    return path
+
+
+def shortcut(value):
+    return None if value is None else {"shortcut_from": value}
+
+
+def load_target(args, device):
+    norm = None if args.norm == "none" else args.norm
+    num_classes = common.DATASETS[args.dataset] if args.dataset else None
+    model, info = common.load_model(args.checkpoint, arch=args.arch, num_classes=num_classes, norm=norm,
+                                    device=device, unsafe=args.unsafe_load, arch_kwargs=shortcut(args.shortcut_from),
+                                    dataset=args.dataset, override_record=args.override_record)
+    # suite checkpoints record their data set; other files: from the head width (SVHN needs --dataset)
+    dataset = args.dataset or info.get("dataset") or {100: "cifar100"}.get(info["num_classes"], "cifar10")
+    if not info["suite"]:
+        common.warn_unrecorded(args.checkpoint, dataset, info)
+    if common.DATASETS[dataset] != info["num_classes"]:
+        common.fail(f"{args.checkpoint} has {info['num_classes']} outputs but {dataset} has "
+                    f"{common.DATASETS[dataset]} classes; check --dataset")
+    return common.freeze(model.float()), info, dataset  # frozen: FAB's backward would fill parameter gradients
+
+
+TEACHER_FLAGS = ("teacher", "teacher_st", "adv_teacher", "nat_teacher")
+
+
+def _read_suite_checkpoint(path):
+    """The checkpoint dict without reading its tensors into memory (mmap), or None if it is not one."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - legacy or foreign format: not a suite checkpoint
+        return None
+    return obj if isinstance(obj, dict) and isinstance(obj.get("arch"), str) else None
+
+
+def training_record(path, info):
+    """For a suite checkpoint (§9 `training`): its kind (best/last), epoch, selection, the script that
+    wrote it with every flag it ran with, and what its teacher files say they are when they can still be
+    found (script, recipe, arch; `same_file` compares the sha256 the run recorded). None for other files."""
+    if not info["suite"]:
+        return None
+    ck = _read_suite_checkpoint(path) or common.load_checkpoint(path)
+    saved = ck.get("args") or {}
+    flags = {k: v for k, v in saved.items() if k not in ("env", "resumes")}
+    rec = {"script": saved.get("script"), "kind": ck.get("kind"), "epoch": ck.get("epoch"), "select": ck.get("select"),
+           "args": flags, "teachers": {}}
+    # a relative teacher path is relative to the training's folder: runs_dir's parent, when runs_dir was relative
+    run_dir, runs_dir = Path(path).resolve().parent, Path(str(saved.get("runs_dir", ".")))
+    relative = not runs_dir.is_absolute() and ".." not in runs_dir.parts and len(runs_dir.parts) < len(run_dir.parents)
+    base = run_dir.parents[len(runs_dir.parts)] if relative else None
+    for key in TEACHER_FLAGS:
+        value = saved.get(key)
+        if not isinstance(value, str):
+            continue
+        found = next((c for c in (Path(value), base / value if base else None) if c is not None and c.is_file()), None)
+        entry = {"path": value, "found": found is not None}
+        if found is not None:
+            teacher = _read_suite_checkpoint(found)
+            entry["suite"] = teacher is not None
+            if saved.get(f"{key}_sha256"):
+                entry["same_file"] = common.file_sha256(found) == saved[f"{key}_sha256"]
+            if teacher is not None:
+                targs = teacher.get("args") or {}
+                entry.update(script=targs.get("script"), recipe=targs.get("recipe"), arch=teacher["arch"],
+                             dataset=teacher.get("dataset"), kind=teacher.get("kind"), epoch=teacher.get("epoch"))
+        rec["teachers"][key] = entry
+    return rec
+
+
+@dataclasses.dataclass
+class Evaluation:
+    """What main() hands to every eval_* step: the flags, the frozen model, the test points (on the CPU),
+    and what the steps add for the output."""
+    args: argparse.Namespace
+    model: nn.Module
+    x: torch.Tensor  # test images in [0,1]
+    y: torch.Tensor
+    eps: float
+    device: torch.device
+    num_classes: int
+    exact: bool  # a deterministic model is expected (every --aa but rand): two passes must agree
+    class_names: tuple = None  # for the table's worst class (CLASS_NAMES)
+    clean: float = None  # clean accuracy and per-point flags, set by eval_clean
+    clean_correct: torch.Tensor = None
+    rows: list = dataclasses.field(default_factory=list)  # lines of the printed table
+    warnings: list = dataclasses.field(default_factory=list)  # JSON `warnings`, printed at the end
+    notes: list = dataclasses.field(default_factory=list)  # re-evaluation notes, printed after the table
+    failed: list = dataclasses.field(default_factory=list)  # labels whose check failed: exit status 1 at the end
+    class_acc: dict = dataclasses.field(default_factory=dict)  # JSON `per_class`: class_stats per attack key
+
+    def per_class(self, correct, key):
+        """class_stats of per-point flags, recorded under `key` (JSON per_class.<key>) and returned."""
+        self.class_acc[key] = class_stats(correct, self.y, self.num_classes)
+        return self.class_acc[key]
+
+    def row(self, *a, **k):
+        return table_row(*a, **k, names=self.class_names)
+
+    def say(self, *a):
+        """A progress line on stderr, unless --quiet (under torchrun, rank 0 only)."""
+        if not self.args.quiet and common.is_main():
+            print(*a, file=sys.stderr, flush=True)
+
+
+def note_reevaluation(ctx, label, stats, shown=5):
+    """One line for the text output on what the re-evaluation (§4.1) moved. On a model evaluated as
+    deterministic (not --aa rand), points moved beyond the near-tie tolerance are a loud warning."""
+    moved, n = stats["disagreements"], len(ctx.y)
+    if not moved:
+        ctx.notes.append(f"{label}: the re-evaluation reproduces the attack's flags on all {n} points")
+        return
+    listed = ", ".join(f"{d['index']} ({d['margin']:.2g}{', near-tie' if d['near_tie'] else ''})"
+                       for d in moved[:shown])
+    more = f" and {len(moved) - shown} more in the JSON" if len(moved) > shown else ""
+    ctx.notes.append(f"{label}: the re-evaluation moved {len(moved)} of {n} points ({stats['n_near_tie']} near-ties), "
+                     f"point (top-2 margin): {listed}{more}; acc is the attack's, re-evaluated "
+                     f"{stats['reevaluated_acc']:.4f}")
+    far = [d for d in moved if not d["near_tie"]]
+    if far and ctx.exact:
+        points = ", ".join(str(d["index"]) for d in far[:shown]) + (" ..." if len(far) > shown else "")
+        loud_warning(ctx, label, f"{label}: {len(far)} of {n} points moved between the attack and the re-evaluation "
+                                 f"beyond the near-tie tolerance (largest margin {max(d['margin'] for d in far):.3g}, "
+                                 f"points {points}): is the model stochastic or batch-dependent (train-mode "
+                                 "BatchNorm?)")
+
+
+def loud_warning(ctx, label, msg, status=True):
+    """A warning in the JSON and on stderr at once, even with --quiet; with `status`, the exit status becomes
+    1 once the results are written (main)."""
+    ctx.warnings.append(msg)
+    if status:
+        ctx.failed.append(label)
+    if common.is_main():
+        print(f"WARNING: {msg}", file=sys.stderr, flush=True)
+
+
+def eval_clean(ctx):
+    """Clean accuracy, first (§1): far from the expected value means a wrong --norm or architecture."""
+    start, bs = time.perf_counter(), ctx.args.bs
+    correct = torch.zeros(len(ctx.y), dtype=torch.bool)
+    for lo in range(0, len(ctx.y), bs):
+        xb = ctx.x[lo:lo + bs].to(ctx.device)
+        correct[lo:lo + bs] = (checked_predict(ctx.model, xb, xb, ctx.eps, "clean", ctx.exact, ctx.args.tf32)
+                               == ctx.y[lo:lo + bs].to(ctx.device)).cpu()
+    ctx.clean_correct, ctx.clean = correct, correct.double().mean().item()
+    per_class = ctx.per_class(correct, "clean")
+    ctx.rows.append(ctx.row("clean", ctx.clean, seconds=time.perf_counter() - start, per_class=per_class))
+    ctx.say(f"clean accuracy {100 * ctx.clean:.2f}%")
+    return {"acc": ctx.clean, "n_correct": int(correct.sum()), "n": len(ctx.y)}
+
+
+def eval_whitebox(ctx, attacks):
+    """FGSM / PGD / CW-inf rows (§3): acc over all points, and acc_and_clean."""
+    res = {}
+    for name, params in attacks.items():
+        start = time.perf_counter()
+        correct, = run_attack(ctx.model, [ctx.model], ctx.x, ctx.y, ctx.eps, params, ctx.args.bs, ctx.device, name,
+                              ctx.args.seed, ctx.args.quiet, ctx.exact, tf32=ctx.args.tf32)
+        res[name] = accuracy_record(correct, ctx.clean_correct, ctx.clean, params, time.perf_counter() - start)
+        ctx.rows.append(ctx.row(name, res[name]["acc"], res[name]["acc_and_clean"], res[name]["w_robust"],
+                                res[name]["seconds"], ctx.per_class(correct, name)))
+        ctx.say(f"{name}: {100 * res[name]['acc']:.2f}%")
+    return res
+
+
+def eval_transfer(ctx, attacks):
+    """Transfer rows (§5): crafted on the surrogate with the true labels, classified by the target."""
+    arch, path, norm = common.parse_model_spec(ctx.args.transfer_from, "--transfer-from")
+    source, info = common.load_model(path, arch=arch, num_classes=ctx.num_classes, norm=norm, device=ctx.device,
+                                     unsafe=ctx.args.unsafe_load, arch_kwargs=shortcut(ctx.args.transfer_shortcut_from),
+                                     arch_flag="--transfer-from ARCH:CKPT", shortcut_flag="--transfer-shortcut-from",
+                                     norm_flag="--transfer-from ...:NORM")
+    source = common.freeze(source.float())
+    res = {}
+    for name, params in attacks.items():
+        start = time.perf_counter()
+        correct, src_correct = run_attack(source, [ctx.model, source], ctx.x, ctx.y, ctx.eps, params, ctx.args.bs,
+                                          ctx.device, f"transfer {name}", ctx.args.seed, ctx.args.quiet, ctx.exact,
+                                          tf32=ctx.args.tf32)
+        acc = correct.double().mean().item()
+        res[name] = {"source": {"ckpt": path, "arch": info["arch"], "norm": info["norm"]}, "params": params, "acc": acc,
+                     "n_correct": int(correct.sum()), "source_acc": src_correct.double().mean().item(),
+                     "clean_acc": ctx.clean, "w_robust": w_robust(ctx.clean, acc),
+                     "seconds": round(time.perf_counter() - start, 3)}
+        ctx.rows.append(ctx.row(f"transfer {name}", acc, None, res[name]["w_robust"], res[name]["seconds"],
+                                ctx.per_class(correct, f"transfer.{name}")))
+    return res
+
+
+def eval_square_bb(ctx):
+    """Square alone as the query-based black-box attack (§6): the ensemble with Square only, i.e. on the
+    clean-correct points in batches of --aa-bs, seeded per batch."""
+    start, args = time.perf_counter(), ctx.args
+    r = autoattack(ctx.model, ctx.x, ctx.y, ctx.eps, attacks=["square"], bs=args.aa_bs, seed=args.aa_seed,
+                   device=ctx.device, quiet=args.quiet, checks=False, square_queries=args.square_queries)
+    stats = reevaluate(ctx.model, ctx.x, ctx.y, r, ctx.eps, args.aa_bs, ctx.device, "square-bb", args.tf32)
+    note_reevaluation(ctx, "square-bb", stats)
+    acc = r["robust"].double().mean().item()
+    broken = ctx.clean_correct & ~r["robust"]
+    res = {"n_queries": args.square_queries, "p_init": 0.8, "acc": acc, "n_correct": int(r["robust"].sum()),
+           "w_robust": w_robust(ctx.clean, acc),
+           "median_queries": r["square_queries"][broken].median().item() if broken.any() else None,
+           "seconds": round(time.perf_counter() - start, 3), **{k: stats[k] for k in MOVED_KEYS}}
+    ctx.rows.append(ctx.row(f"square-bb ({args.square_queries} q)", acc, None, res["w_robust"], res["seconds"],
+                            ctx.per_class(r["robust"], "square_bb")))
+    return res
+
+
+def eval_quant(ctx, attacks, grid):
+    """Q_b for every b of the grid (§7): non-adaptive (crafted on f, classified by g = f o Q_b) and, with
+    --quant-mode bpda, the straight-through attack on g. selected_b: highest W-Robust under fgsm20,
+    non-adaptive, on the evaluated set (D-EVAL-6)."""
+    args, x, y = ctx.args, ctx.x, ctx.y
+    gs = [common.freeze(Quantized(ctx.model, b)) for b in grid]
+    res, clean = {str(b): {"nonadaptive": {}} for b in grid}, {}
+    for b, g in zip(grid, gs):
+        clean[b] = torch.cat([predict(g, x[lo:lo + args.bs].to(ctx.device)).cpu()
+                              for lo in range(0, len(y), args.bs)]).eq(y).double().mean().item()
+
+    def record(b, mode, name, correct, seconds):
+        acc = correct.double().mean().item()
+        res[str(b)][mode][name] = {"acc": acc, "clean_acc": clean[b], "w_robust": w_robust(clean[b], acc)}
+        ctx.rows.append(ctx.row(f"Q{b} {mode} {name}", acc, None, w_robust(clean[b], acc), seconds,
+                                ctx.per_class(correct, f"quant.{b}.{mode}.{name}")))
+
+    for name, params in attacks.items():  # crafted once on f, scored under every b
+        start = time.perf_counter()
+        correct = run_attack(ctx.model, gs, x, y, ctx.eps, params, args.bs, ctx.device, f"Q {name}", args.seed,
+                             args.quiet, ctx.exact, tf32=args.tf32)
+        for b, c in zip(grid, correct):
+            record(b, "nonadaptive", name, c, (time.perf_counter() - start) / len(grid))
+    if args.quant_mode == "bpda":
+        for b, g in zip(grid, gs):
+            res[str(b)]["bpda"] = {}
+            for name, params in attacks.items():
+                start = time.perf_counter()
+                c, = run_attack(common.freeze(Quantized(ctx.model, b, bpda=True)), [g], x, y, ctx.eps, params,
+                                args.bs, ctx.device, f"Q{b} bpda {name}", args.seed, args.quiet, ctx.exact,
+                                tf32=args.tf32)
+                record(b, "bpda", name, c, time.perf_counter() - start)
+    key = "fgsm20" if "fgsm20" in attacks else next(iter(attacks))
+    res["selected_b"] = max(grid, key=lambda b: res[str(b)]["nonadaptive"][key]["w_robust"])
+    return res
+
+
+def eval_aa(ctx, version):
+    """AutoAttack in the version asked for (§4.5), re-evaluated and checked (§4.1); JSON of §9."""
+    args, key = ctx.args, AA_JSON_KEY[version]
+    if version == "individual":  # run_standard_evaluation_individual: each attack alone from the clean points
+        res = {}
+        for i, name in enumerate(AA_VERSIONS["standard"]):
+            start = time.perf_counter()
+            r = autoattack(ctx.model, ctx.x, ctx.y, ctx.eps, version="standard", attacks=[name], bs=args.aa_bs,
+                           seed=args.aa_seed, device=ctx.device, quiet=args.quiet, checks=i == 0)
+            stats = reevaluate(ctx.model, ctx.x, ctx.y, r, ctx.eps, args.aa_bs, ctx.device, f"AA {name}", args.tf32)
+            note_reevaluation(ctx, f"{key}.{name}", stats)
+            ctx.warnings += r["warnings"]
+            res[name] = {"acc": r["cumulative"][name], "seconds": round(time.perf_counter() - start, 3),
+                         **{k: stats[k] for k in MOVED_KEYS}}
+            ctx.rows.append(ctx.row(f"AA {name} (alone)", res[name]["acc"], None, w_robust(ctx.clean, res[name]["acc"]),
+                                    res[name]["seconds"], ctx.per_class(r["robust"], f"{key}.{name}")))
+        return {key: res}
+    start = time.perf_counter()
+    r = autoattack(ctx.model, ctx.x, ctx.y, ctx.eps, version=version, bs=args.aa_bs, seed=args.aa_seed,
+                   device=ctx.device, quiet=args.quiet)
+    seconds = time.perf_counter() - start
+    stats = reevaluate(ctx.model, ctx.x, ctx.y, r, ctx.eps, args.aa_bs, ctx.device, "AutoAttack", args.tf32)
+    note_reevaluation(ctx, key, stats)
+    acc = r["robust"].double().mean().item()
+    if acc > ctx.clean:
+        loud_warning(ctx, key, f"{key}: accuracy {acc:.4f} above the clean accuracy {ctx.clean:.4f}: the clean pass "
+                               "and AutoAttack's classify some clean point differently", status=ctx.exact)
+    ctx.warnings += r["warnings"]
+    ctx.say(f"AutoAttack: max L-inf {stats['max_linf']:.5f}, x_adv in [{stats['x_min']:.5f}, {stats['x_max']:.5f}], "
+            f"no NaN, robust accuracy {100 * acc:.2f}%")
+    params = {"attacks": AA_VERSIONS[version], "norm": "Linf", "n_iter": 100, "n_restarts": 1, "rho": 0.75,
+              "n_target_classes": 9, "eot_iter": 20 if version == "rand" else 1}
+    if "fab-t" in params["attacks"]:
+        params["fab"] = {"alpha_max": 0.1, "eta": 1.05, "beta": 0.9}
+    if "square" in params["attacks"]:
+        params["square"] = {"n_queries": 5000, "p_init": 0.8, "loss": "margin", "resc_schedule": False}
+    per_class = ctx.per_class(r["robust"], key)
+    for name in ["clean"] + AA_VERSIONS[version]:
+        ctx.rows.append(table_row(f"  {key}: {name}", r["cumulative"][name], None, None, r["seconds"].get(name)))
+    ctx.rows.append(ctx.row(key, acc, acc, w_robust(ctx.clean, acc), seconds, per_class))
+    return {key: {"version": version, "params": params, "eps": ctx.eps, "bs": args.aa_bs, "seed": args.aa_seed,
+                  "cumulative": r["cumulative"], "acc": acc, "n_correct": int(r["robust"].sum()),
+                  "w_robust": w_robust(ctx.clean, acc), **stats,
+                  "seconds": {**{k: round(v, 3) for k, v in r["seconds"].items()}, "total": round(seconds, 3)},
+                  "warnings": r["warnings"], "robust_flags": r["robust"].int().tolist()}}
+
+
+def eval_sweep(ctx, sweep):
+    """Robust accuracy against eps for one attack (§9 eps_sweep). Each point runs the attack at its own
+    radius, seeded as every attack; `max_linf` is the largest perturbation it produced (at most eps)."""
+    args, name, points = ctx.args, sweep["attack"], []
+    for eps_str, eps, params in sweep["points"]:
+        start, stats = time.perf_counter(), {}
+        if params is None:  # autoattack
+            r = autoattack(ctx.model, ctx.x, ctx.y, eps, version=sweep["aa_version"], bs=args.aa_bs, seed=args.aa_seed,
+                           device=ctx.device, quiet=args.quiet, checks=False)
+            stats = reevaluate(ctx.model, ctx.x, ctx.y, r, eps, args.aa_bs, ctx.device, f"sweep AA @ {eps_str}",
+                               args.tf32)
+            note_reevaluation(ctx, f"autoattack @ eps {eps_str}", stats)
+            correct, params = r["robust"], {"version": sweep["aa_version"], "bs": args.aa_bs, "seed": args.aa_seed}
+        else:
+            correct, = run_attack(ctx.model, [ctx.model], ctx.x, ctx.y, eps, params, args.bs, ctx.device,
+                                  f"sweep {name} @ {eps_str}", args.seed, args.quiet, ctx.exact, stats, args.tf32)
+        rec = accuracy_record(correct, ctx.clean_correct, ctx.clean, params, time.perf_counter() - start)
+        rec["per_class"] = class_stats(correct, ctx.y, ctx.num_classes)
+        points.append({"eps": eps, "eps_str": eps_str, **rec, "max_linf": stats.get("max_linf", 0.0),
+                       **{k: stats[k] for k in MOVED_KEYS if k in stats}})
+        ctx.rows.append(ctx.row(f"{name} @ eps {eps_str}", rec["acc"], rec["acc_and_clean"], rec["w_robust"],
+                                rec["seconds"], rec["per_class"]))
+        ctx.say(f"sweep {name} @ {eps_str}: {100 * rec['acc']:.2f}%")
+    return {"attack": name, "eps": [p["eps"] for p in points], "acc": [p["acc"] for p in points], "points": points}
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = torch.device(common.join_process_group(str(common.parse_device(args.device))))  # torchrun: one GPU (or CPU process) per rank
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32  # fp32 unless --tf32 (§1)
+    if args.deterministic:
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    grid = parse_grid(args)
+    resolve_protocol(args, args.dataset)  # bad attack names or eps fail before a large checkpoint loads
+    if args.transfer_from:
+        common.parse_model_spec(args.transfer_from, "--transfer-from")
+    model, info, dataset = load_target(args, device)
+    proto = resolve_protocol(args, dataset)
+    json_path = output_path(args, proto["preset"])
+    x_u8, y = common.load_split(dataset, args.data_dir, train=False, subset=args.n_ex)
+    names = CLASS_NAMES.get(dataset)
+    ctx = Evaluation(args=args, model=model, x=x_u8.float().div(255), y=y, eps=proto["eps"], device=device,
+                     num_classes=info["num_classes"], exact=proto["aa"] != "rand", class_names=names)
+    ctx.say(f"{info['arch']} on {dataset} test[:{len(y)}], preset {proto['preset']}, eps {proto['eps_str']}, "
+            f"device {device}")
+
+    out = {"schema": "suite-eval/1", "checkpoint": str(args.checkpoint), "sha256": common.file_sha256(args.checkpoint),
+           "arch": info["arch"], "arch_kwargs": info["arch_kwargs"], "dataset": dataset,
+           "num_classes": info["num_classes"], "norm": info["norm"], "loader": info,
+           "preset": proto["preset"], "eps": ctx.eps, "eps_str": proto["eps_str"], "n_ex": len(y), "bs": args.bs,
+           "overrides": proto["overrides"], "training": training_record(args.checkpoint, info),
+           "class_names": list(names) if names else None,
+           "env": {**common.environment(), "numpy": np.__version__, "device": str(device),
+                   "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                   "tf32": args.tf32, "cudnn_deterministic": bool(torch.backends.cudnn.deterministic),
+                   "seed": args.seed, "aa_seed": args.aa_seed, "aa_bs": args.aa_bs}}
+    out["clean"] = eval_clean(ctx)
+    attacks = eval_whitebox(ctx, proto["whitebox"])
+    if proto["transfer"]:
+        attacks["transfer"] = eval_transfer(ctx, proto["transfer"])
+    if args.square_bb:
+        attacks["square_bb"] = eval_square_bb(ctx)
+    if grid:
+        attacks["quant"] = eval_quant(ctx, proto["quant"], grid)
+    if proto["aa"] != "off":
+        attacks.update(eval_aa(ctx, proto["aa"]))
+    out["attacks"] = attacks
+    out["per_class"] = ctx.class_acc
+    if proto["sweep"]:
+        out["eps_sweep"] = eval_sweep(ctx, proto["sweep"])
+    out["warnings"] = list(dict.fromkeys(ctx.warnings))  # each distinct warning once
+
+    if common.is_main():  # under torchrun rank 0 prints and writes
+        print(TABLE_HEADER)
+        print("\n".join(ctx.rows))
+        print(TABLE_LEGEND)
+        for note in ctx.notes:
+            print(note)
+        for w in out["warnings"]:
+            print(f"warning: {w}")
+        text = common.json_dumps(out, indent=1) + "\n"
+        try:
+            common.write_text(json_path, text)
+        except SystemExit:  # a full disk after hours of attacks: the results go to stdout instead of nowhere
+            print(text, end="")
+            common.fail(f"the results above could not be written to {json_path}; they are printed to standard "
+                        "output (save them from the console)")
+        print(f"wrote {json_path}")
+    if ctx.failed:  # only now: the results are written whatever the re-evaluation found (§4.1)
+        common.fail(f"{', '.join(dict.fromkeys(ctx.failed))}: two passes over the same points disagree beyond "
+                    f"near-ties (see the warnings); the results are written to {json_path}", status=1)
+
+
+# ======================================================================================
+# AutoAttack engine: a re-implementation of the official code (fra31/auto-attack@a392200 =
+# pyautoattack 0.2.0), version standard, L-inf (§4), equal to it point for point on CPU
+# (tests/test_autoattack_parity.py). Every random number is a CPU float32 torch.rand moved to the
+# device, after torch.manual_seed(seed) once per attack and batch (§4.6), as the official code.
 # ======================================================================================
 
 def _rand(shape, device):
@@ -811,7 +1334,7 @@ def square(model, x, y, eps, *, seed=0, n_queries=5000, p_init=0.8, return_queri
     return (adv, queries) if return_queries else adv
 
 
-# ---- official sanity checks (checks.py, §4.7): warnings, never errors -------------------------------
+# ---- official sanity checks (checks.py, §4.7): warnings, never errors ------------------------------
 
 def sanity_checks(model, x, y, version, attacks, n_targets=9):
     """checks.py on the first batch, before the attacks: randomised model, probability outputs, gradients
@@ -858,7 +1381,7 @@ def sanity_checks(model, x, y, version, attacks, n_targets=9):
     return warnings
 
 
-# ---- the ensemble (run_standard_evaluation, §4.1) -----------------------------------------------------
+# ---- the ensemble (run_standard_evaluation, §4.1) --------------------------------------------------
 
 def run_aa_attack(name, model, x, y, eps, seed, version, warn, square_queries=5000):
     """One attack of the ensemble on one batch; Square also returns the queries it used per point."""
@@ -938,504 +1461,6 @@ def autoattack(model, x, y, eps, *, version="standard", attacks=None, bs=250, se
                             "the white-box attacks: the evaluation may be unreliable (gradient masking?)")
     return dict(x_adv=x_adv, y_adv=y_adv, robust=robust, cumulative=cumulative, seconds=seconds, warnings=warnings,
                 square_queries=queries)
-
-
-MOVED_KEYS = ("acc_from", "reevaluated_acc", "n_disagree", "n_near_tie", "near_tie_tol", "disagreements")
-
-
-def reevaluate(model, x, y, result, eps, bs, device, what, tf32=False):
-    """The suite's re-evaluation (§4.1): a separate pass over x_adv in batches of `bs`, after checking its
-    bounds. The attack's robust flags stay the result (`acc_from`); every point whose re-evaluated
-    prediction differs from its flag is listed with its top-2 margin and whether near_tie(logits, tf32)
-    calls it a near-tie. What a disagreement means is the caller's (note_reevaluation)."""
-    x_adv, robust = result["x_adv"], result["robust"]
-    stats = dict(max_linf=check_bounds(x_adv, x, eps, what), n_nan=0, x_min=x_adv.min().item(),
-                 x_max=x_adv.max().item())
-    correct, tie = torch.zeros(len(y), dtype=torch.bool), torch.zeros(len(y), dtype=torch.bool)
-    margin, tol = torch.zeros(len(y)), torch.zeros(len(y))
-    with torch.no_grad():
-        for lo in range(0, len(y), bs):
-            logits = model(x_adv[lo:lo + bs].to(device))
-            correct[lo:lo + bs] = (logits.max(1)[1] == y[lo:lo + bs].to(device)).cpu()
-            m, t, k = near_tie(logits, tf32)
-            margin[lo:lo + bs], tol[lo:lo + bs], tie[lo:lo + bs] = m.cpu(), t.cpu(), k.cpu()
-    moved = (correct != robust).nonzero().flatten().tolist()
-    atol, rtol = NEAR_TIE[bool(tf32)]
-    stats.update(acc_from="robust_flags", reevaluated_acc=correct.double().mean().item(), n_disagree=len(moved),
-                 n_near_tie=int(tie[moved].sum()), near_tie_tol={"tf32": bool(tf32), "atol": atol, "rtol": rtol},
-                 disagreements=[{"index": i, "robust": bool(robust[i]), "margin": margin[i].item(),
-                                 "tol": tol[i].item(), "near_tie": bool(tie[i])} for i in moved])
-    return stats
-
-
-# ======================================================================================
-# Black-box: transfer from a surrogate (§5); Square as a query attack (§6) is autoattack() with
-# attacks=["square"]
-# ======================================================================================
-
-def parse_source(text):
-    """'ARCH:CKPT[:NORM]' -> (arch, path, norm)."""
-    arch, sep, rest = text.partition(":")
-    if not sep or not rest:
-        common.fail(f"--transfer-from {text!r}: expected ARCH:CKPT[:NORM]")
-    norm = "auto"
-    head, _, tail = rest.rpartition(":")
-    if head and tail in ("auto", "none", "cifar10", "cifar100"):
-        rest, norm = head, tail
-    return arch, rest, norm
-
-
-# ======================================================================================
-# Input quantisation Q (§7)
-# ======================================================================================
-
-def quantize(x, bits):
-    """Q_b(x) = round(x (2^b - 1)) / (2^b - 1): bit-depth reduction (Xu et al., NDSS 2018)."""
-    levels = 2 ** bits - 1
-    return torch.round(x * levels) / levels
-
-
-class Quantized(nn.Module):
-    """g = f o Q_b. With bpda=True the backward pass is the identity (x + sg(Q_b(x) - x))."""
-
-    def __init__(self, model, bits, bpda=False):
-        super().__init__()
-        self.model, self.bits, self.bpda = model, bits, bpda
-
-    def forward(self, x):
-        q = quantize(x, self.bits)
-        if self.bpda:
-            q = x + (q - x).detach()
-        return self.model(q)
-
-
-# ======================================================================================
-# Main: load, evaluate, print the table, write the JSON (§9)
-# ======================================================================================
-
-CLASS_NAMES = {"cifar10": ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"),
-               "svhn": tuple(str(d) for d in range(10))}
-
-
-def class_stats(correct, y, num_classes):
-    """Per-class accuracy of per-point flags (§9): points and correct points per class, accuracies, the
-    worst and best class and the spread (best - worst). A class without evaluated points has accuracy
-    None and is left out of worst, best and spread; ties go to the lower class index."""
-    n = torch.bincount(y, minlength=num_classes)
-    k = torch.bincount(y[correct], minlength=num_classes)
-    acc = [k[c].item() / n[c].item() if n[c] else None for c in range(num_classes)]
-    present = [c for c in range(num_classes) if n[c]]
-    worst = min(present, key=lambda c: (acc[c], c))
-    best = min(present, key=lambda c: (-acc[c], c))
-    return {"n": n.tolist(), "n_correct": k.tolist(), "acc": acc, "worst_class": worst, "worst_acc": acc[worst],
-            "best_class": best, "best_acc": acc[best], "spread": acc[best] - acc[worst]}
-
-
-def accuracy_record(correct, clean_correct, clean_acc, params, seconds):
-    acc = correct.double().mean().item()
-    return {"params": params, "acc": acc, "acc_and_clean": (correct & clean_correct).double().mean().item(),
-            "n_correct": int(correct.sum()), "w_robust": w_robust(clean_acc, acc), "seconds": round(seconds, 3)}
-
-
-TABLE_HEADER = f"{'attack':<24} {'acc':>8} {'acc&clean':>10} {'W-Robust':>9} {'seconds':>9} {'spread':>7} worst class"
-TABLE_LEGEND = ("acc: robust accuracy (%); acc&clean: points both clean-correct and robust; W-Robust: (clean + acc)/2; "
-                "spread: best minus worst class accuracy; worst class: its accuracy and name (§9)")
-
-
-def table_row(name, acc, acc_and_clean=None, wr=None, seconds=None, per_class=None, names=None):
-    cells = [f"{name:<24}", f"{100 * acc:>8.2f}"]
-    cells.append(f"{100 * acc_and_clean:>10.2f}" if acc_and_clean is not None else " " * 10)
-    cells.append(f"{100 * wr:>9.2f}" if wr is not None else " " * 9)
-    cells.append(f"{seconds:>9.1f}" if seconds is not None else " " * 9)
-    if per_class is not None:
-        worst = per_class["worst_class"]
-        label = f"{worst} {names[worst]}" if names and names[worst] != str(worst) else str(worst)
-        cells.append(f"{100 * per_class['spread']:>7.2f} {100 * per_class['worst_acc']:.2f} ({label})")
-    return " ".join(cells).rstrip()
-
-
-def shortcut(value):
-    return None if value is None else {"shortcut_from": value}
-
-
-def output_path(args, preset):
-    """The JSON file, named after the checkpoint so that best.pt and last.pt of one run give two files;
-    checked before any attack runs: an existing file needs --force, the folder must be writable."""
-    ckpt = Path(args.checkpoint)
-    path = Path(args.json) if args.json else ckpt.resolve().parent / f"{ckpt.stem}_eval_{preset}.json"
-    if path.is_dir():
-        common.fail(f"--json {path} is a directory; name a file")
-    if path.exists() and not args.force:
-        common.fail(f"{path} exists; pass --force to overwrite it or --json to write elsewhere")
-    common.check_writable(path.parent)
-    return path
-
-
-def load_target(args, device):
-    norm = None if args.norm == "none" else args.norm
-    num_classes = common.DATASETS[args.dataset] if args.dataset else None
-    model, info = common.load_model(args.checkpoint, arch=args.arch, num_classes=num_classes, norm=norm,
-                                    device=device, unsafe=args.unsafe_load, arch_kwargs=shortcut(args.shortcut_from),
-                                    dataset=args.dataset, override_record=args.override_record)
-    # suite checkpoints record their data set; other files: from the head width (SVHN needs --dataset)
-    dataset = args.dataset or info.get("dataset") or {100: "cifar100"}.get(info["num_classes"], "cifar10")
-    if not info["suite"]:
-        common.warn_unrecorded(args.checkpoint, dataset, info)
-    if common.DATASETS[dataset] != info["num_classes"]:
-        common.fail(f"{args.checkpoint} has {info['num_classes']} outputs but {dataset} has "
-                    f"{common.DATASETS[dataset]} classes; check --dataset")
-    return freeze_for_attack(model.float()), info, dataset
-
-
-def parse_grid(args):
-    text = args.quant_grid or (str(args.quant_bits) if args.quant_bits else "")
-    try:
-        grid = [int(b) for b in text.split(",") if b.strip()]
-    except ValueError:
-        common.fail(f"--quant-grid {text!r}: expected a comma list of bit depths, e.g. 3,4,5,6,7,8")
-    if any(not 1 <= b <= 16 for b in grid):
-        common.fail("--quant-grid: bit depths must lie in 1..16")
-    return grid
-
-
-def note_reevaluation(ctx, label, stats, shown=5):
-    """One line for the text output on what the re-evaluation (§4.1) moved. On a model evaluated as
-    deterministic (not --aa rand), points moved beyond the near-tie tolerance are a loud warning."""
-    moved, n = stats["disagreements"], len(ctx.y)
-    if not moved:
-        ctx.notes.append(f"{label}: the re-evaluation reproduces the attack's flags on all {n} points")
-        return
-    listed = ", ".join(f"{d['index']} ({d['margin']:.2g}{', near-tie' if d['near_tie'] else ''})"
-                       for d in moved[:shown])
-    more = f" and {len(moved) - shown} more in the JSON" if len(moved) > shown else ""
-    ctx.notes.append(f"{label}: the re-evaluation moved {len(moved)} of {n} points ({stats['n_near_tie']} near-ties), "
-                     f"point (top-2 margin): {listed}{more}; acc is the attack's, re-evaluated "
-                     f"{stats['reevaluated_acc']:.4f}")
-    far = [d for d in moved if not d["near_tie"]]
-    if far and ctx.exact:
-        points = ", ".join(str(d["index"]) for d in far[:shown]) + (" ..." if len(far) > shown else "")
-        loud_warning(ctx, label, f"{label}: {len(far)} of {n} points moved between the attack and the re-evaluation "
-                                 f"beyond the near-tie tolerance (largest margin {max(d['margin'] for d in far):.3g}, "
-                                 f"points {points}): is the model stochastic or batch-dependent (train-mode "
-                                 "BatchNorm?)")
-
-
-def loud_warning(ctx, label, msg, status=True):
-    """A warning in the JSON and on stderr at once, even with --quiet; with `status`, the exit status becomes
-    1 once the results are written (main)."""
-    ctx.warnings.append(msg)
-    if status:
-        ctx.failed.append(label)
-    if common.is_main():
-        print(f"WARNING: {msg}", file=sys.stderr, flush=True)
-
-
-def eval_clean(ctx):
-    """Clean accuracy, first (§1): far from the expected value means a wrong --norm or architecture."""
-    start, bs = time.perf_counter(), ctx.args.bs
-    correct = torch.zeros(len(ctx.y), dtype=torch.bool)
-    for lo in range(0, len(ctx.y), bs):
-        xb = ctx.x[lo:lo + bs].to(ctx.device)
-        correct[lo:lo + bs] = (checked_predict(ctx.model, xb, xb, ctx.eps, "clean", ctx.exact, ctx.args.tf32)
-                               == ctx.y[lo:lo + bs].to(ctx.device)).cpu()
-    ctx.clean_correct, ctx.clean = correct, correct.double().mean().item()
-    per_class = ctx.per_class(correct, "clean")
-    ctx.rows.append(ctx.row("clean", ctx.clean, seconds=time.perf_counter() - start, per_class=per_class))
-    ctx.say(f"clean accuracy {100 * ctx.clean:.2f}%")
-    return {"acc": ctx.clean, "n_correct": int(correct.sum()), "n": len(ctx.y)}
-
-
-def eval_whitebox(ctx, attacks):
-    """FGSM / PGD / CW-inf rows (§3): acc over all points, and acc_and_clean."""
-    res = {}
-    for name, params in attacks.items():
-        start = time.perf_counter()
-        correct, = run_attack(ctx.model, [ctx.model], ctx.x, ctx.y, ctx.eps, params, ctx.args.bs, ctx.device, name,
-                              ctx.args.seed, ctx.args.quiet, ctx.exact, tf32=ctx.args.tf32)
-        res[name] = accuracy_record(correct, ctx.clean_correct, ctx.clean, params, time.perf_counter() - start)
-        ctx.rows.append(ctx.row(name, res[name]["acc"], res[name]["acc_and_clean"], res[name]["w_robust"],
-                                res[name]["seconds"], ctx.per_class(correct, name)))
-        ctx.say(f"{name}: {100 * res[name]['acc']:.2f}%")
-    return res
-
-
-def eval_transfer(ctx, attacks):
-    """Transfer rows (§5): crafted on the surrogate with the true labels, classified by the target."""
-    arch, path, norm = parse_source(ctx.args.transfer_from)
-    source, info = common.load_model(path, arch=arch, num_classes=ctx.num_classes, norm=None if norm == "none" else norm,
-                                     device=ctx.device, unsafe=ctx.args.unsafe_load,
-                                     arch_kwargs=shortcut(ctx.args.transfer_shortcut_from),
-                                     shortcut_flag="--transfer-shortcut-from")
-    source = freeze_for_attack(source.float())
-    res = {}
-    for name, params in attacks.items():
-        start = time.perf_counter()
-        correct, src_correct = run_attack(source, [ctx.model, source], ctx.x, ctx.y, ctx.eps, params, ctx.args.bs,
-                                          ctx.device, f"transfer {name}", ctx.args.seed, ctx.args.quiet, ctx.exact,
-                                          tf32=ctx.args.tf32)
-        acc = correct.double().mean().item()
-        res[name] = {"source": {"ckpt": path, "arch": arch, "norm": info["norm"]}, "params": params, "acc": acc,
-                     "n_correct": int(correct.sum()), "source_acc": src_correct.double().mean().item(),
-                     "clean_acc": ctx.clean, "w_robust": w_robust(ctx.clean, acc),
-                     "seconds": round(time.perf_counter() - start, 3)}
-        ctx.rows.append(ctx.row(f"transfer {name}", acc, None, res[name]["w_robust"], res[name]["seconds"],
-                                ctx.per_class(correct, f"transfer.{name}")))
-    return res
-
-
-def eval_square_bb(ctx):
-    """Square alone as the query-based black-box attack (§6): the ensemble with Square only, i.e. on the
-    clean-correct points in batches of --aa-bs, seeded per batch."""
-    start, args = time.perf_counter(), ctx.args
-    r = autoattack(ctx.model, ctx.x, ctx.y, ctx.eps, attacks=["square"], bs=args.aa_bs, seed=args.aa_seed,
-                   device=ctx.device, quiet=args.quiet, checks=False, square_queries=args.square_queries)
-    stats = reevaluate(ctx.model, ctx.x, ctx.y, r, ctx.eps, args.aa_bs, ctx.device, "square-bb", args.tf32)
-    note_reevaluation(ctx, "square-bb", stats)
-    acc = r["robust"].double().mean().item()
-    broken = ctx.clean_correct & ~r["robust"]
-    res = {"n_queries": args.square_queries, "p_init": 0.8, "acc": acc, "n_correct": int(r["robust"].sum()),
-           "w_robust": w_robust(ctx.clean, acc),
-           "median_queries": r["square_queries"][broken].median().item() if broken.any() else None,
-           "seconds": round(time.perf_counter() - start, 3), **{k: stats[k] for k in MOVED_KEYS}}
-    ctx.rows.append(ctx.row(f"square-bb ({args.square_queries} q)", acc, None, res["w_robust"], res["seconds"],
-                            ctx.per_class(r["robust"], "square_bb")))
-    return res
-
-
-def eval_quant(ctx, attacks, grid):
-    """Q_b for every b of the grid (§7): non-adaptive (crafted on f, classified by g = f o Q_b) and, with
-    --quant-mode bpda, the straight-through attack on g. selected_b: highest W-Robust under fgsm20,
-    non-adaptive, on the evaluated set (D-EVAL-6)."""
-    args, x, y = ctx.args, ctx.x, ctx.y
-    gs = [freeze_for_attack(Quantized(ctx.model, b)) for b in grid]
-    res, clean = {str(b): {"nonadaptive": {}} for b in grid}, {}
-    for b, g in zip(grid, gs):
-        clean[b] = torch.cat([predict(g, x[lo:lo + args.bs].to(ctx.device)).cpu()
-                              for lo in range(0, len(y), args.bs)]).eq(y).double().mean().item()
-
-    def record(b, mode, name, correct, seconds):
-        acc = correct.double().mean().item()
-        res[str(b)][mode][name] = {"acc": acc, "clean_acc": clean[b], "w_robust": w_robust(clean[b], acc)}
-        ctx.rows.append(ctx.row(f"Q{b} {mode} {name}", acc, None, w_robust(clean[b], acc), seconds,
-                                ctx.per_class(correct, f"quant.{b}.{mode}.{name}")))
-
-    for name, params in attacks.items():  # crafted once on f, scored under every b
-        start = time.perf_counter()
-        correct = run_attack(ctx.model, gs, x, y, ctx.eps, params, args.bs, ctx.device, f"Q {name}", args.seed,
-                             args.quiet, ctx.exact, tf32=args.tf32)
-        for b, c in zip(grid, correct):
-            record(b, "nonadaptive", name, c, (time.perf_counter() - start) / len(grid))
-    if args.quant_mode == "bpda":
-        for b, g in zip(grid, gs):
-            res[str(b)]["bpda"] = {}
-            for name, params in attacks.items():
-                start = time.perf_counter()
-                c, = run_attack(freeze_for_attack(Quantized(ctx.model, b, bpda=True)), [g], x, y, ctx.eps, params,
-                                args.bs, ctx.device, f"Q{b} bpda {name}", args.seed, args.quiet, ctx.exact,
-                                tf32=args.tf32)
-                record(b, "bpda", name, c, time.perf_counter() - start)
-    key = "fgsm20" if "fgsm20" in attacks else next(iter(attacks))
-    res["selected_b"] = max(grid, key=lambda b: res[str(b)]["nonadaptive"][key]["w_robust"])
-    return res
-
-
-def eval_aa(ctx, version):
-    """AutoAttack in the version asked for (§4.5), re-evaluated and checked (§4.1); JSON of §9."""
-    args, key = ctx.args, AA_JSON_KEY[version]
-    if version == "individual":  # run_standard_evaluation_individual: each attack alone from the clean points
-        res = {}
-        for i, name in enumerate(AA_VERSIONS["standard"]):
-            start = time.perf_counter()
-            r = autoattack(ctx.model, ctx.x, ctx.y, ctx.eps, version="standard", attacks=[name], bs=args.aa_bs,
-                           seed=args.aa_seed, device=ctx.device, quiet=args.quiet, checks=i == 0)
-            stats = reevaluate(ctx.model, ctx.x, ctx.y, r, ctx.eps, args.aa_bs, ctx.device, f"AA {name}", args.tf32)
-            note_reevaluation(ctx, f"{key}.{name}", stats)
-            ctx.warnings += r["warnings"]
-            res[name] = {"acc": r["cumulative"][name], "seconds": round(time.perf_counter() - start, 3),
-                         **{k: stats[k] for k in MOVED_KEYS}}
-            ctx.rows.append(ctx.row(f"AA {name} (alone)", res[name]["acc"], None, w_robust(ctx.clean, res[name]["acc"]),
-                                    res[name]["seconds"], ctx.per_class(r["robust"], f"{key}.{name}")))
-        return {key: res}
-    start = time.perf_counter()
-    r = autoattack(ctx.model, ctx.x, ctx.y, ctx.eps, version=version, bs=args.aa_bs, seed=args.aa_seed,
-                   device=ctx.device, quiet=args.quiet)
-    seconds = time.perf_counter() - start
-    stats = reevaluate(ctx.model, ctx.x, ctx.y, r, ctx.eps, args.aa_bs, ctx.device, "AutoAttack", args.tf32)
-    note_reevaluation(ctx, key, stats)
-    acc = r["robust"].double().mean().item()
-    if acc > ctx.clean:
-        loud_warning(ctx, key, f"{key}: accuracy {acc:.4f} above the clean accuracy {ctx.clean:.4f}: the clean pass "
-                               "and AutoAttack's classify some clean point differently", status=ctx.exact)
-    ctx.warnings += r["warnings"]
-    ctx.say(f"AutoAttack: max L-inf {stats['max_linf']:.5f}, x_adv in [{stats['x_min']:.5f}, {stats['x_max']:.5f}], "
-            f"no NaN, robust accuracy {100 * acc:.2f}%")
-    params = {"attacks": AA_VERSIONS[version], "norm": "Linf", "n_iter": 100, "n_restarts": 1, "rho": 0.75,
-              "n_target_classes": 9, "eot_iter": 20 if version == "rand" else 1}
-    if "fab-t" in params["attacks"]:
-        params["fab"] = {"alpha_max": 0.1, "eta": 1.05, "beta": 0.9}
-    if "square" in params["attacks"]:
-        params["square"] = {"n_queries": 5000, "p_init": 0.8, "loss": "margin", "resc_schedule": False}
-    per_class = ctx.per_class(r["robust"], key)
-    for name in ["clean"] + AA_VERSIONS[version]:
-        ctx.rows.append(table_row(f"  {key}: {name}", r["cumulative"][name], None, None, r["seconds"].get(name)))
-    ctx.rows.append(ctx.row(key, acc, acc, w_robust(ctx.clean, acc), seconds, per_class))
-    return {key: {"version": version, "params": params, "eps": ctx.eps, "bs": args.aa_bs, "seed": args.aa_seed,
-                  "cumulative": r["cumulative"], "acc": acc, "n_correct": int(r["robust"].sum()),
-                  "w_robust": w_robust(ctx.clean, acc), **stats,
-                  "seconds": {**{k: round(v, 3) for k, v in r["seconds"].items()}, "total": round(seconds, 3)},
-                  "warnings": r["warnings"], "robust_flags": r["robust"].int().tolist()}}
-
-
-def eval_sweep(ctx, sweep):
-    """Robust accuracy against eps for one attack (§9 eps_sweep). Each point runs the attack at its own
-    radius, seeded as every attack; `max_linf` is the largest perturbation it produced (at most eps)."""
-    args, name, points = ctx.args, sweep["attack"], []
-    for eps_str, eps, params in sweep["points"]:
-        start, stats = time.perf_counter(), {}
-        if params is None:  # autoattack
-            r = autoattack(ctx.model, ctx.x, ctx.y, eps, version=sweep["aa_version"], bs=args.aa_bs, seed=args.aa_seed,
-                           device=ctx.device, quiet=args.quiet, checks=False)
-            stats = reevaluate(ctx.model, ctx.x, ctx.y, r, eps, args.aa_bs, ctx.device, f"sweep AA @ {eps_str}",
-                               args.tf32)
-            note_reevaluation(ctx, f"autoattack @ eps {eps_str}", stats)
-            correct, params = r["robust"], {"version": sweep["aa_version"], "bs": args.aa_bs, "seed": args.aa_seed}
-        else:
-            correct, = run_attack(ctx.model, [ctx.model], ctx.x, ctx.y, eps, params, args.bs, ctx.device,
-                                  f"sweep {name} @ {eps_str}", args.seed, args.quiet, ctx.exact, stats, args.tf32)
-        rec = accuracy_record(correct, ctx.clean_correct, ctx.clean, params, time.perf_counter() - start)
-        rec["per_class"] = class_stats(correct, ctx.y, ctx.num_classes)
-        points.append({"eps": eps, "eps_str": eps_str, **rec, "max_linf": stats.get("max_linf", 0.0),
-                       **{k: stats[k] for k in MOVED_KEYS if k in stats}})
-        ctx.rows.append(ctx.row(f"{name} @ eps {eps_str}", rec["acc"], rec["acc_and_clean"], rec["w_robust"],
-                                rec["seconds"], rec["per_class"]))
-        ctx.say(f"sweep {name} @ {eps_str}: {100 * rec['acc']:.2f}%")
-    return {"attack": name, "eps": [p["eps"] for p in points], "acc": [p["acc"] for p in points], "points": points}
-
-
-TEACHER_FLAGS = ("teacher", "teacher_st", "adv_teacher", "nat_teacher")
-
-
-def _read_suite_checkpoint(path):
-    """The checkpoint dict without reading its tensors into memory (mmap), or None if it is not one."""
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # noqa: BLE001 - legacy or foreign format: not a suite checkpoint
-        return None
-    return obj if isinstance(obj, dict) and isinstance(obj.get("arch"), str) else None
-
-
-def training_record(path, info):
-    """For a suite checkpoint (§9 `training`): its kind (best/last), epoch, selection, the script that
-    wrote it with every flag it ran with, and what its teacher files say they are when they can still be
-    found (script, recipe, arch; `same_file` compares the sha256 the run recorded). None for other files."""
-    if not info["suite"]:
-        return None
-    ck = _read_suite_checkpoint(path) or common.load_checkpoint(path)
-    saved = ck.get("args") or {}
-    flags = {k: v for k, v in saved.items() if k not in ("env", "resumes")}
-    rec = {"script": saved.get("script"), "kind": ck.get("kind"), "epoch": ck.get("epoch"), "select": ck.get("select"),
-           "args": flags, "teachers": {}}
-    # a relative teacher path is relative to the training's folder: runs_dir's parent, when runs_dir was relative
-    run_dir, runs_dir = Path(path).resolve().parent, Path(str(saved.get("runs_dir", ".")))
-    relative = not runs_dir.is_absolute() and ".." not in runs_dir.parts and len(runs_dir.parts) < len(run_dir.parents)
-    base = run_dir.parents[len(runs_dir.parts)] if relative else None
-    for key in TEACHER_FLAGS:
-        value = saved.get(key)
-        if not isinstance(value, str):
-            continue
-        found = next((c for c in (Path(value), base / value if base else None) if c is not None and c.is_file()), None)
-        entry = {"path": value, "found": found is not None}
-        if found is not None:
-            teacher = _read_suite_checkpoint(found)
-            entry["suite"] = teacher is not None
-            if saved.get(f"{key}_sha256"):
-                entry["same_file"] = common.file_sha256(found) == saved[f"{key}_sha256"]
-            if teacher is not None:
-                targs = teacher.get("args") or {}
-                entry.update(script=targs.get("script"), recipe=targs.get("recipe"), arch=teacher["arch"],
-                             dataset=teacher.get("dataset"), kind=teacher.get("kind"), epoch=teacher.get("epoch"))
-        rec["teachers"][key] = entry
-    return rec
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    if args.amp is not None:
-        common.fail("--amp is refused: attacks run in fp32 (fp16 zeroes small input gradients and DLR's 1e-12 "
-                    "denominators); drop the flag")
-    device = torch.device(common.join_process_group(str(common.parse_device(args.device))))  # torchrun: one GPU (or CPU process) per rank
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32  # fp32 unless --tf32 (§1)
-    if args.deterministic:
-        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
-        torch.use_deterministic_algorithms(True, warn_only=True)
-    grid = parse_grid(args)
-    resolve_protocol(args, args.dataset)  # bad attack names or eps fail before a large checkpoint loads
-    if args.transfer_from:
-        parse_source(args.transfer_from)
-    model, info, dataset = load_target(args, device)
-    proto = resolve_protocol(args, dataset)
-    json_path = output_path(args, proto["preset"])
-    x_u8, y = common.load_split(dataset, args.data_dir, train=False, subset=args.n_ex)
-    names, per_class = CLASS_NAMES.get(dataset), {}
-
-    def record_classes(correct, key):
-        per_class[key] = class_stats(correct, y, info["num_classes"])
-        return per_class[key]
-
-    ctx = argparse.Namespace(
-        args=args, model=model, x=x_u8.float().div(255), y=y, eps=proto["eps"], device=device,
-        num_classes=info["num_classes"], exact=proto["aa"] != "rand", rows=[], warnings=[], notes=[], failed=[],
-        per_class=record_classes,
-        row=lambda *a, **k: table_row(*a, **k, names=names),
-        say=(lambda *a: None) if args.quiet or not common.is_main() else (lambda *a: print(*a, file=sys.stderr, flush=True)))
-    ctx.say(f"{info['arch']} on {dataset} test[:{len(y)}], preset {proto['preset']}, eps {proto['eps_str']}, "
-            f"device {device}")
-
-    out = {"schema": "suite-eval/1", "checkpoint": str(args.checkpoint), "sha256": common.file_sha256(args.checkpoint),
-           "arch": info["arch"], "arch_kwargs": info["arch_kwargs"], "dataset": dataset,
-           "num_classes": info["num_classes"], "norm": info["norm"], "loader": info,
-           "preset": proto["preset"], "eps": ctx.eps, "eps_str": proto["eps_str"], "n_ex": len(y), "bs": args.bs,
-           "overrides": proto["overrides"], "training": training_record(args.checkpoint, info),
-           "class_names": list(names) if names else None,
-           "env": {**common.environment(), "numpy": np.__version__, "device": str(device),
-                   "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                   "tf32": args.tf32, "cudnn_deterministic": bool(torch.backends.cudnn.deterministic),
-                   "seed": args.seed, "aa_seed": args.aa_seed, "aa_bs": args.aa_bs}}
-    out["clean"] = eval_clean(ctx)
-    attacks = eval_whitebox(ctx, proto["whitebox"])
-    if proto["transfer"]:
-        attacks["transfer"] = eval_transfer(ctx, proto["transfer"])
-    if args.square_bb:
-        attacks["square_bb"] = eval_square_bb(ctx)
-    if grid:
-        attacks["quant"] = eval_quant(ctx, proto["quant"], grid)
-    if proto["aa"] != "off":
-        attacks.update(eval_aa(ctx, proto["aa"]))
-    out["attacks"] = attacks
-    out["per_class"] = per_class
-    if proto["sweep"]:
-        out["eps_sweep"] = eval_sweep(ctx, proto["sweep"])
-    out["warnings"] = list(dict.fromkeys(ctx.warnings))  # each distinct warning once
-
-    if common.is_main():  # under torchrun rank 0 prints and writes
-        print(TABLE_HEADER)
-        print("\n".join(ctx.rows))
-        print(TABLE_LEGEND)
-        for note in ctx.notes:
-            print(note)
-        for w in out["warnings"]:
-            print(f"warning: {w}")
-        text = common.json_dumps(out, indent=1) + "\n"
-        try:
-            common.write_text(json_path, text)
-        except SystemExit:  # a full disk after hours of attacks: the results go to stdout instead of nowhere
-            print(text, end="")
-            common.fail(f"the results above could not be written to {json_path}; they are printed to standard "
-                        "output (save them from the console)")
-        print(f"wrote {json_path}")
-    if ctx.failed:  # only now: the results are written whatever the re-evaluation found (§4.1)
-        common.fail(f"{', '.join(dict.fromkeys(ctx.failed))}: two passes over the same points disagree beyond "
-                    f"near-ties (see the warnings); the results are written to {json_path}", status=1)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,6 @@
 Parity with the official AutoAttack lives in tests/test_autoattack_parity.py.
 """
 
-import argparse
 import importlib
 import json
 import os
@@ -59,11 +58,12 @@ def test_import_has_no_side_effects():
     assert torch.equal(state[0], after[0]) and state[1:] == after[1:]
 
 
-def test_amp_is_refused(capsys):
+def test_amp_is_not_a_flag(capsys):
+    """The attacks always run in fp32: --amp is an unknown flag to argparse (exit status 2)."""
     with pytest.raises(SystemExit) as e:
         ea.main(["missing.pt", "--amp"])
     assert e.value.code == 2
-    assert "--amp" in capsys.readouterr().err
+    assert "unrecognized arguments: --amp" in capsys.readouterr().err
 
 
 def test_guards_fail_loudly(model, data):
@@ -108,9 +108,9 @@ def test_one_pgd_step_by_hand():
     expected = torch.min(torch.max(x0 + step * s, x - eps), x + eps).clamp(0, 1)
     assert (expected != (x0 + step * s)).any()  # projection or clamp bound somewhere
 
-    got = ea.pgd(model, x, y, eps, steps=1, step=step, start="uniform-clamp", noise=noise)
+    got = ea.pgd(model, x, y, eps, steps=1, step=step, x_start=ea.random_start(x, eps, "uniform-clamp", noise))
     assert torch.equal(got, expected)
-    unclamped = ea.pgd(model, x, y, eps, steps=0, step=step, start="uniform", noise=noise)
+    unclamped = ea.random_start(x, eps, "uniform", noise)
     assert torch.equal(unclamped, x + noise)  # 'uniform' keeps the start outside the box
 
 
@@ -496,8 +496,8 @@ def test_eps_sweep_reaches_the_attack(monkeypatch):
     seen, real = [], ea.pgd
     monkeypatch.setattr(ea, "pgd", lambda m, xb, yb, eps, *a, **k: seen.append((eps, xb, real(m, xb, yb, eps, *a, **k)))
                         or seen[-1][2])
-    ctx = argparse.Namespace(args=args, model=model, x=x, y=y, device="cpu", exact=True, clean_correct=y == y,
-                             clean=1.0, num_classes=2, rows=[], row=ea.table_row, say=lambda *a: None)
+    ctx = ea.Evaluation(args=args, model=model, x=x, y=y, eps=8 / 255, device="cpu", num_classes=2, exact=True,
+                        clean=1.0, clean_correct=y == y)
     res = ea.eval_sweep(ctx, sweep)
     assert [e for e, _, _ in seen] == [e for _, e, _ in sweep["points"] for _ in range(2)]  # two batches per eps
     for eps, xb, x_adv in seen:
@@ -515,9 +515,8 @@ def test_eps_sweep_with_autoattack(model, data):
                           "autoattack", "--quiet"])
     sweep = ea.resolve_protocol(args, "cifar10")["sweep"]
     assert sweep["aa_version"] == "fast" and all(p is None for _, _, p in sweep["points"])
-    ctx = argparse.Namespace(args=args, model=model, x=x, y=y, device="cpu", exact=True, clean_correct=y == y,
-                             clean=1.0, num_classes=10, rows=[], row=ea.table_row, say=lambda *a: None, warnings=[],
-                             notes=[], failed=[])
+    ctx = ea.Evaluation(args=args, model=model, x=x, y=y, eps=8 / 255, device="cpu", num_classes=10, exact=True,
+                        clean=1.0, clean_correct=y == y)
     res = ea.eval_sweep(ctx, sweep)
     for p, eps in zip(res["points"], (1 / 255, 3 / 255)):
         assert p["eps"] == eps and 0 < p["max_linf"] <= eps + 1e-6 and p["params"]["version"] == "fast"

@@ -30,7 +30,7 @@ def main():
     aa = ours["attacks"]["autoattack"]
     model, _ = common.load_model(args.checkpoint, arch=ours["arch"], norm=None if ours["norm"] is None else
                                  (tuple(ours["norm"]["mean"]), tuple(ours["norm"]["std"])))
-    model.requires_grad_(False)
+    model = common.freeze(model)  # eval(), frozen parameters: as eval_attacks.py
     x, y = common.load_split(ours["dataset"], args.data_dir, train=False, subset=ours["n_ex"], download=False)
     x = x.float() / 255
     logging.basicConfig(level=logging.DEBUG, format="%(message)s", stream=sys.stdout)
