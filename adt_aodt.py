@@ -35,7 +35,7 @@ is stored next to it as `peer`:
 Smoke run on CPU:
     python adt_aodt.py --method aodt --arch cnn_small --peer-arch cnn_small --epochs 2 --train-subset 512 --test-subset 128
 
-Where the paper, TRADES' code and this script part ways, or neither says (flag for the alternative):
+Where the paper, the code and this script part ways (flag for the alternative):
     D-ADT-1   MSE averaged over batch and classes (F.mse_loss)                          --mse-reduction sum-classes
     D-ADT-2   AODT detaches nothing: the MSE also trains the peer                       --detach-peer
     D-ADT-3   one SGD over M^r and the peer, same lr, schedule, momentum, weight decay
@@ -46,14 +46,10 @@ Where the paper, TRADES' code and this script part ways, or neither says (flag f
     D-ADT-8   best.pt by FGSM^20 every epoch, last.pt reported (nothing is selected)     --report best
     D-ADT-9   +TRADES uses TRADES' KL attack and clean pass also at alpha = 0           --reg none
     D-ADT-10  the tables' "FGSM" is one step of 0.003 from a uniform start              eval_attacks.py --preset adt
-    paper vs TRADES' code: epochs 90-100 at lr 0.001 (transitions 75 and 90 only); TRADES' function
-    also divides by 10 from epoch 100                                                   --lr-milestones 74 89 99
-Decisions, defaults and their sources in full: docs/adt_aodt.md. No official code exists; the paper
-builds on yaodongyu/TRADES@6e8e11b (trades.py, train_trades_cifar10.py), the reference for every gap.
+    code vs paper: TRADES' adjust_learning_rate decays a third time, after epoch 99     --lr-milestones 74 89 99
+Decisions, defaults and their sources in full: docs/adt_aodt.md. Official code: none; "the code" is the one the
+paper builds on, yaodongyu/TRADES@6e8e11b (trades.py, train_trades_cifar10.py), the reference for every gap.
 """
-
-import os
-from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -75,7 +71,7 @@ def parse_args(argv=None):
                         "the AODT+TRADES(alpha=6) row)")
     g.add_argument("--aodt-loss", choices=["l1", "l2", "l3", "l4"], default="l1",
                    help="AODT's L (ADT §4.4, Table 5): l1 MSE (Eq. 6), l2 MSE + CE (Eq. 7), l3 KD (Eq. 8), "
-                        "l4 KL + CE (Eq. 9, D-ADT-7)")
+                        "l4 KL + CE (Eq. 9)")
     g.add_argument("--temp", type=common.parse_float, default=4.0, help="l3 only: temperature T of Eq. 8")
     g.add_argument("--l3-beta", type=common.parse_float, default=0.1, help="l3 only: beta' of Eq. 8")
     g.add_argument("--mse-reduction", choices=["mean", "sum-classes"], default="mean",
@@ -84,7 +80,7 @@ def parse_args(argv=None):
     g = p.add_argument_group("models")
     g.add_argument("--arch", choices=common.ARCHS, default="wrn34_10",
                    help="robust model M^r, random init (ADT §4: the WRN-34-10 of TRADES)")
-    g.add_argument("--teacher", action="append", default=None, metavar="ARCH:CKPT[:NORM]",
+    g.add_argument("--teacher", action="append", type=absolute_member, default=None, metavar="ARCH:CKPT[:NORM]",
                    help="ADT: a naturally trained member of M^n (repeat the flag for an ensemble: logits averaged, "
                         "D-ADT-5); ARCH may be left out for a suite checkpoint, else wrn34_10 is assumed; NORM one of "
                         "none, cifar10, cifar100 (default: the suite checkpoint's record, else none)")
@@ -101,11 +97,11 @@ def parse_args(argv=None):
     g.add_argument("--attack-step", type=common.parse_float, default="0.007", help="PGD step size (eta_1)")
     g.add_argument("--attack-steps", type=common.positive_int, default=10, help="PGD steps (K)")
     g.add_argument("--attack-bn", choices=["train", "eval"], default="eval",
-                   help="BatchNorm mode of M^r during the attack (TRADES' code attacks in eval(); D-ADT-4)")
+                   help="BatchNorm mode of M^r during the attack (TRADES' code attacks in eval())")
     g.add_argument("--rand-start", choices=["uniform", "uniform-clamp", "normal001", "none"], default=None,
-                   help="random start (default: uniform, x + U(-eps, eps) unclamped, D-ADT-4; normal001 with --reg "
-                        "trades, trades.py)")
-    g = p.add_argument_group("optimisation (ADT §4; one SGD over M^r and the AODT peer, D-ADT-3)")
+                   help="random start (default: uniform, x + U(-eps, eps) unclamped; normal001 with --reg trades, "
+                        "trades.py)")
+    g = p.add_argument_group("optimisation (ADT §4; one SGD over M^r and the AODT peer)")
     g.add_argument("--epochs", type=common.positive_int, default=100, help="training epochs")
     g.add_argument("--batch-size", type=common.positive_int, default=128, help="training batch size (m)")
     g.add_argument("--lr", type=common.parse_float, default=0.1, help="initial SGD learning rate (eta_2)")
@@ -114,41 +110,50 @@ def parse_args(argv=None):
     g.add_argument("--lr-milestones", type=common.positive_int, nargs="*", default=[74, 89],
                    help="multiply lr by 0.1 after each of these epochs (transition epochs 75 and 90, ADT §4)")
     g.add_argument("--report", choices=["last", "best"], default="last",
-                   help="checkpoint the run reports at its end (D-ADT-8: TRADES' code and the paper select nothing)")
-    # D-ADT-8: TRADES' pgd_attack_cifar10.py FGSM^20 every epoch; best.pt kept, last.pt reported
-    common.add_run_args(p, monitor="fgsm20-trades", eval_every=1, seed=1)
+                   help="checkpoint the run reports at its end (TRADES' code and the paper select nothing)")
+    common.add_run_args(p, monitors=MONITORS, monitor="fgsm20-trades", eval_every=1, seed=1)
     p.resume_may_change.add("teacher")  # moved files; load_teachers checks they hold the same bytes
     rules = {"reg_weight": ("a number >= 0", lambda v: v >= 0), "peer_beta": ("a number >= 0", lambda v: v >= 0),
              "l3_beta": ("in [0, 1]", lambda v: 0 <= v <= 1)}
-    return common.parse(p, argv, resolve=resolve_defaults, rules=rules), p
+    return common.parse(p, argv, resolve=resolve_defaults, rules=rules, unused=unused_flags), p
 
 
-# D-ADT-6: the peer named by each table caption (Table 2 per data set; Tables 1 and 3 per combination)
+# the peer each table caption names (Table 2 per data set; Tables 1 and 3 per combination)
 PEER_ARCH = {("cifar10", "none"): "resnet18", ("cifar10", "alp"): "resnet18", ("cifar10", "trades"): "resnet152",
              ("cifar100", "none"): "resnet152", ("cifar100", "alp"): "resnet18", ("cifar100", "trades"): "resnet152"}
 
 
 def resolve_defaults(args):
     """Defaults that depend on the method, the combination and the data set (docs/adt_aodt.md §3)."""
-    if args.method == "adt":
-        if not args.teacher:
-            common.fail("--method adt needs --teacher ARCH:CKPT (a naturally trained model, e.g. from train_teacher.py "
-                        "--recipe natural-rslad --arch wrn34_10); --method aodt trains its own")
-        given = [f for f, on in (("--peer-arch", args.peer_arch is not None), ("--detach-peer", args.detach_peer),
-                                 (f"--aodt-loss {args.aodt_loss}", args.aodt_loss != "l1")) if on]
-        if given:
-            common.fail(f"{', '.join(given)} applies to --method aodt only")
-    else:
-        if args.teacher:
-            common.fail("--teacher is for --method adt; AODT trains its natural peer (--peer-arch) from scratch")
-        if args.peer_arch is None:
-            args.peer_arch = PEER_ARCH[("cifar100" if args.dataset == "cifar100" else "cifar10", args.reg)]
+    if args.method == "adt" and not args.teacher:
+        common.fail("--method adt needs --teacher ARCH:CKPT (a naturally trained model, e.g. from train_teacher.py "
+                    "--recipe natural-rslad --arch wrn34_10); --method aodt trains its own")
+    if args.method == "aodt" and args.peer_arch is None:
+        args.peer_arch = PEER_ARCH[("cifar100" if args.dataset == "cifar100" else "cifar10", args.reg)]
     if args.reg_weight is None:
         args.reg_weight = 1.0 if args.reg == "alp" else 0.0  # ADT §4.2: ALP alpha = 1; headline +TRADES rows alpha = 0
-    elif args.reg == "none" and args.reg_weight != 0:
-        common.fail("--reg-weight weighs the --reg alp or trades term; --reg none has none")
     if args.rand_start is None:
-        args.rand_start = "normal001" if args.reg == "trades" else "uniform"  # D-ADT-4; trades.py: x + 0.001 N(0, I)
+        args.rand_start = "normal001" if args.reg == "trades" else "uniform"  # trades.py: x + 0.001 N(0, I)
+
+
+def unused_flags(args):
+    """The flags this configuration does not read: {dest: why}; typing one of them is an error."""
+    unused = {}
+    if args.method == "adt":
+        unused.update(dict.fromkeys(["peer_arch", "peer_beta", "detach_peer", "aodt_loss", "temp", "l3_beta"],
+                                    "is read by --method aodt only, not by adt"))
+    else:
+        unused["teacher"] = "is read by --method adt only; AODT trains its peer (--peer-arch) from scratch"
+        unused.update(dict.fromkeys(["unsafe_load", "override_record"],
+                                    "is read by --method adt only, which loads --teacher files"))
+        if args.aodt_loss != "l3":
+            unused.update(dict.fromkeys(["temp", "l3_beta"], f"is read by --aodt-loss l3 only, not by {args.aodt_loss}"))
+        if args.aodt_loss in ("l3", "l4") and args.reg != "alp":
+            unused["mse_reduction"] = (f"is read by the MSE terms only (--aodt-loss l1, l2 or --reg alp), not by "
+                                       f"--aodt-loss {args.aodt_loss} with --reg {args.reg}")
+    if args.reg == "none":
+        unused["reg_weight"] = "is read by --reg alp and trades only, not by none"
+    return unused
 
 
 # --------------------------------------------------------------------------------------
@@ -167,9 +172,9 @@ def random_start(x_nat, eps, start):
 
 def inner_max(student, x_nat, y, args):
     """x' for M^r alone (the teacher or peer is never attacked and never takes part): CE_sum on the labels
-    ("noisy BIM", ADT Eq. 1), or with --reg trades TRADES' KL_sum(σ(M^r(x)) ‖ σ(M^r(x'))) (D-ADT-9).
+    ("noisy BIM", ADT Eq. 1), or with --reg trades TRADES' KL_sum(σ(M^r(x)) ‖ σ(M^r(x'))).
 
-    M^r attacks in eval() mode, as TRADES' code does (D-ADT-4), and is in train() on return.
+    M^r attacks in eval() mode, as TRADES' code does, and is in train() on return.
     """
     student.train(args.attack_bn == "train")
     trades = args.reg == "trades"
@@ -188,7 +193,7 @@ def inner_max(student, x_nat, y, args):
                         p_nat = F.softmax(student(x_nat).float(), dim=1)
                 loss = kl_div(p_nat, F.log_softmax(logits_adv.float(), dim=1), "sum")  # nn.KLDivLoss(size_average=False)
             else:
-                loss = F.cross_entropy(logits_adv.float(), y, reduction="sum")  # D-ADT-4: CE summed over the batch
+                loss = F.cross_entropy(logits_adv.float(), y, reduction="sum")  # D-ADT-4: CE summed, eval BN, uniform start
             grad, = torch.autograd.grad(loss, x_adv)
             x_adv = x_adv.detach() + args.attack_step * grad.sign()
             x_adv = torch.min(torch.max(x_adv, x_nat - args.eps), x_nat + args.eps).clamp(0, 1)
@@ -210,7 +215,7 @@ def kl_div(p, log_q, reduction, eps=0.0):
 
 
 def mse(a, b, reduction):
-    """(a − b)² averaged over all B·C logits (F.mse_loss), or summed over classes and averaged over the batch (D-ADT-1)."""
+    """(a − b)² averaged over all B·C logits (F.mse_loss), or summed over classes and averaged over the batch."""
     e = (a - b) ** 2
     return e.mean() if reduction == "mean" else e.sum() / len(e)
 
@@ -218,7 +223,7 @@ def mse(a, b, reduction):
 def distill_term(logits_adv, logits_teacher, y, args):
     """L of ADT Eq. 2-3 (O^r = M^r(x'), O^n = M^n(x)); for AODT one of the Table 5 choices (Eq. 6-9)."""
     if args.method == "adt" or args.detach_peer:
-        logits_teacher = logits_teacher.detach()  # ADT: sg(O^n), a fixed teacher; D-ADT-2: AODT detaches nothing
+        logits_teacher = logits_teacher.detach()  # ADT: sg(O^n), a fixed teacher; AODT: only with --detach-peer
     choice = args.aodt_loss if args.method == "aodt" else "l1"
     if choice in ("l1", "l2"):
         terms = {"mse": mse(logits_adv, logits_teacher, args.mse_reduction)}  # Eq. 2 / Eq. 6
@@ -254,9 +259,10 @@ def loss_fn(logits_adv, logits_nat, logits_teacher, y, args):
 
 
 def train_step(student, teacher, optimizer, x_nat, y, args):
-    """One batch (ADT Algorithm 1): the attack on M^r, then M^n(x), then the ledger M^r(x') [, M^r(x)].
-    `teacher` is M^n: ADT's frozen ensemble (no gradient) or AODT's peer (train mode, trained by `optimizer`)."""
-    x_adv = inner_max(common.local(student), x_nat, y, args)
+    """One batch as ADT Algorithm 1: the attack on M^r, then the forward passes M^n(x), M^r(x') [, M^r(x)], in
+    this order. `teacher` is M^n: ADT's frozen ensemble (no gradient) or AODT's peer (train mode, trained by
+    `optimizer`)."""
+    x_adv = inner_max(common.unwrap(student, keep_compiled=True), x_nat, y, args)
     with common.autocast(args.amp, x_nat.device):
         if args.method == "adt":
             with torch.no_grad():
@@ -279,11 +285,11 @@ def lr_at(epoch, args):
 
 
 # --------------------------------------------------------------------------------------
-# M^n: ADT's teacher ensemble (D-ADT-5) or AODT's peer (D-ADT-6)
+# M^n: ADT's teacher ensemble or AODT's peer
 # --------------------------------------------------------------------------------------
 
 class MeanLogits(nn.Module):
-    """An ensemble of frozen members whose logits are averaged (D-ADT-5)."""
+    """An ensemble of frozen members whose logits are averaged."""
 
     def __init__(self, members):
         super().__init__()
@@ -293,49 +299,49 @@ class MeanLogits(nn.Module):
         return torch.stack([m(x).float() for m in self.members]).mean(0)
 
 
-def parse_member(text):
-    """'ARCH:CKPT[:NORM]' or 'CKPT[:NORM]' -> (arch or None, path, norm for common.load_model)."""
-    arch, sep, rest = text.partition(":")
-    if not sep or arch not in common.ARCHS:
-        arch, rest = None, text
-    norm = "auto"
-    head, _, tail = rest.rpartition(":")
-    if head and tail in ("none", "cifar10", "cifar100"):
-        rest, norm = head, (None if tail == "none" else tail)
-    elif head and not Path(rest).exists() and Path(head).exists():
-        common.fail(f"--teacher {text!r}: {tail!r} is not a normalisation (none, cifar10, cifar100)")
-    if not rest:
-        common.fail(f"--teacher {text!r}: expected ARCH:CKPT[:NORM]")
-    return arch, os.path.abspath(rest), norm  # absolute: a resumed run may start from another folder
+def absolute_member(text):
+    """--teacher's ARCH:CKPT[:NORM] with CKPT made absolute: a resumed run may start from another folder."""
+    arch, path, norm = common.parse_model_spec(text, "--teacher")
+    return ":".join([*([arch] if arch else []), path, *([] if norm == "auto" else [norm or "none"])])
 
 
 def load_teachers(args, device):
-    """Load, freeze and place every --teacher member; record their architecture, normalisation and sha256
-    in args (teacher_arch, teacher_norm, teacher_sha256). A resumed run refuses a file with other bytes."""
-    saved = getattr(args, "teacher_sha256", None)
+    """Load, freeze and place every --teacher member. Returns the ensemble (their mean logits), the members
+    and what the loader found, one entry per member: {"arch": [...], "norm": [...], "sha256": [...]}
+    (`Run.begin(teachers=...)` records them in args.json). A resumed run refuses a file with other bytes."""
+    saved = getattr(args, "teacher_sha256", None)  # on --resume: the saved run's record
     if saved is not None and len(saved) != len(args.teacher):
         common.fail(f"the run started with {len(saved)} --teacher member(s); {len(args.teacher)} given")
-    members, archs, norms, digests = [], [], [], []
+    members, info = [], {"arch": [], "norm": [], "sha256": []}
     for i, text in enumerate(args.teacher):
-        arch, path, norm = parse_member(text)
-        model, info = common.load_model(path, arch=arch, num_classes=common.DATASETS[args.dataset], norm=norm,
-                                        device=device, unsafe=args.unsafe_load, arch_flag="--teacher ARCH:CKPT",
-                                        default_arch="wrn34_10", dataset=args.dataset, norm_flag="--teacher ...:NORM",
-                                        override_record=args.override_record)
-        if not info["suite"] and saved is None:
-            common.warn_unrecorded(path, args.dataset, info)
-        args.teacher[i] = ":".join([*([arch] if arch else []), path, *([] if norm == "auto" else [norm or "none"])])
+        arch, path, norm = common.parse_model_spec(text, "--teacher")
+        model, found = common.load_model(path, arch=arch, num_classes=common.DATASETS[args.dataset], norm=norm,
+                                         device=device, unsafe=args.unsafe_load, arch_flag="--teacher ARCH:CKPT",
+                                         default_arch="wrn34_10", dataset=args.dataset, norm_flag="--teacher ...:NORM",
+                                         override_record=args.override_record)
+        if not found["suite"] and saved is None:
+            common.warn_unrecorded(path, args.dataset, found)
         digest = common.file_sha256(path)
         if saved is not None and digest != saved[i]:
             common.fail(f"--teacher {path} is not the file the run started with (sha256 {digest[:12]}… vs {saved[i][:12]}…)")
-        common.say(f"teacher {i}: {path} -> {info['arch']} {info['arch_kwargs'] or ''} norm {common.norm_name(info['norm'])}"
-                   f" (container {info['container']}, stripped {info['prefixes'] or 'nothing'})")
+        norm_name = common.norm_name(found["norm"])
+        common.say(f"teacher {i}: {path} -> {found['arch']} {found['arch_kwargs'] or ''} norm {norm_name}"
+                   f" (container {found['container']}, stripped {found['prefixes'] or 'nothing'})")
         members.append(common.prepare_model(common.freeze(model), args, device))
-        archs.append(info["arch"])
-        norms.append(common.norm_name(info["norm"]))
-        digests.append(digest)
-    args.teacher_arch, args.teacher_norm, args.teacher_sha256 = archs, norms, digests
-    return common.freeze(MeanLogits(members)), members
+        info["arch"].append(found["arch"])
+        info["norm"].append(norm_name)
+        info["sha256"].append(digest)
+    return common.freeze(MeanLogits(members)), members, info
+
+
+# --------------------------------------------------------------------------------------
+# Monitor: the test-set attack that selects best.pt, student in eval(), at the epochs of --eval-every
+# --------------------------------------------------------------------------------------
+
+# D-ADT-8: TRADES' pgd_attack_cifar10.py FGSM^20 (PGD-20) after every epoch; best.pt kept, last.pt reported
+MONITORS = {
+    "fgsm20-trades": dict(eps=0.031, steps=20, step=0.003, start="uniform", loss="ce_mean", bn="eval"),
+}
 
 
 # --------------------------------------------------------------------------------------
@@ -346,25 +352,26 @@ def main(argv=None):
     args, _ = parse_args(argv)
     run = common.Run("adt_aodt", args, args.arch, variant=args.method)
     device = common.setup_device(args)
-    common.seed_everything(args.seed, args.deterministic)
+    common.seed_everything(args.seed)
     num_classes = common.DATASETS[args.dataset]
 
     peer = members = None
     if args.method == "adt":
-        teacher, members = load_teachers(args, device)
+        teacher, members, teacher_info = load_teachers(args, device)
     train_data = common.train_loader(args, args.batch_size, device=device)
     test_data = common.test_loader(args, device=device)
     student = common.prepare_student(common.build_model(args.arch, num_classes), args, device)
     params = list(student.parameters())
-    if args.method == "aodt":  # D-ADT-6: random init, no normalisation
+    if args.method == "aodt":  # random init, no normalisation
         peer = teacher = common.prepare_student(common.build_model(args.peer_arch, num_classes, None), args, device)
         params += list(peer.parameters())
     # D-ADT-3: one SGD over M^r and the peer, same lr, schedule, momentum and weight decay
     optimizer = common.sgd(params, args.lr, args.momentum, args.wd)
-    cfg = common.monitor_config(args.monitor, args.dataset)
-    start = run.begin(student, optimizer, peer=peer)
+    attack = MONITORS[args.monitor]
+    start, best = run.begin(student, optimizer, monitor=attack, peer=peer,
+                            teachers={"teacher": teacher_info} if args.method == "adt" else None)
     if not run.resumed and args.method == "adt":
-        common.measure_teacher(run, teacher, test_data, cfg)
+        common.measure_teacher(run, teacher, test_data, attack)
         if len(members) > 1:
             run.log({"epoch": 0, **{f"teacher{i}/clean": common.monitor(m, test_data, None)["clean"]
                                     for i, m in enumerate(members)}})
@@ -373,24 +380,28 @@ def main(argv=None):
     for epoch in range(start, args.epochs + 1):
         for g in optimizer.param_groups:
             g["lr"] = lr_at(epoch, args)
-        for m in models:
-            m.train()
+        for model in models:
+            model.train()
         totals, n_seen = {}, 0
         with common.EpochTimer(device) as timer:
             for x_nat, y in run.batches(train_data, epoch):
+                common.broadcast_buffers(*models)  # torchrun: rank 0's BatchNorm statistics, as nn.DataParallel
                 terms = train_step(student, teacher, optimizer, x_nat, y, args)
                 for k, v in terms.items():
                     totals[k] = totals.get(k, 0) + v.detach() * len(y)
                 n_seen += len(y)
         metrics = run.train_metrics(epoch, totals, n_seen, optimizer, *models)
-        value = None
         if common.is_monitor_epoch(args, epoch):
-            m = common.monitor(student, test_data, cfg, tf32=args.monitor_tf32)
+            m = common.monitor(student, test_data, attack, tf32=args.monitor_tf32)
             metrics.update(test_clean=m["clean"], test_robust=m["robust"], monitor_seconds=round(m["seconds"], 2))
             if peer is not None:
                 metrics["peer_clean"] = common.monitor(peer, test_data, None)["clean"]
-            value = m["robust"]
-        run.end_epoch(epoch, metrics, student, optimizer, value=value, images=n_seen, seconds=timer.seconds, peer=peer)
+            if best["value"] is None or m["robust"] > best["value"]:  # strictly greater: a tie keeps the earlier epoch
+                best = {"epoch": epoch, "value": m["robust"]}
+        record = run.log_epoch(epoch, metrics, best, seconds=timer.seconds)
+        if best["epoch"] == epoch:  # best.pt before last.pt: a failed write never leaves last.pt ahead of best.pt
+            run.save_best(student, record, best, peer=peer)
+        run.save_last(student, optimizer, record, best, peer=peer)
     common.say(f"reported checkpoint (D-ADT-8): {run.dir / (args.report + '.pt')}; evaluate it with "
                f"python eval_attacks.py {run.dir / (args.report + '.pt')} --preset adt")
 

@@ -36,7 +36,7 @@ import common
 def parse_args(argv=None):
     p = common.parser("ard", "ARD (Goldblum et al., AAAI 2020): adversarially robust distillation")
     g = p.add_argument_group("models")
-    common.add_teacher_args(p, g, arch_help="default: wrn34_10; dm_wrn70_16 on CIFAR-100, D-ARD-1",
+    common.add_teacher_args(p, g, arch_help="default: wrn34_10; dm_wrn70_16 on CIFAR-100",
                             norm_help="default: the suite checkpoint's record, else none; cifar10 for the "
                                       "WRN-70-16 on CIFAR-100, D-ARD-1")
     g.add_argument("--arch", choices=common.ARCHS, default="mobilenet_v2",
@@ -69,15 +69,22 @@ def parse_args(argv=None):
                    help="code: one decay after epoch 100 (adjust_learning_rate bug); paper: decays after 100 and 150")
     g.add_argument("--lr-milestones", type=common.positive_int, nargs="*", default=None,
                    help="replace the schedule: lr x0.1 after each listed epoch, e.g. 215 260 285 for ARD-300 (D-ARD-5)")
-    # D-ARD-3: best.pt by main.py test()'s PGD-10 every epoch (it ranks nothing); --monitor pgd20-monitor as RSLAD
-    common.add_run_args(p, monitor="pgd10-ard", eval_every=1, seed=0, test_batch_size=100)
-    return common.parse(p, argv, resolve=resolve_defaults, rules={"alpha": ("in [0, 1]", lambda v: 0 <= v <= 1)}), p
+    common.add_run_args(p, monitors=MONITORS, monitor="pgd10-ard", eval_every=1, seed=0, test_batch_size=100)
+    return common.parse(p, argv, resolve=resolve_defaults, rules={"alpha": ("in [0, 1]", lambda v: 0 <= v <= 1)},
+                        unused=unused_flags), p
 
 
 def resolve_defaults(args):
     """Defaults that depend on the data set (docs/ard.md §3)."""
     if args.batch_size is None:
         args.batch_size = 256 if args.dataset == "cifar100" else 128  # main.py builds a 256 loader for CIFAR-100
+
+
+def unused_flags(args):
+    """The flags this configuration does not read: typed, they end the run with one line."""
+    if args.lr_milestones is not None:
+        return {"lr_schedule": "is replaced by --lr-milestones"}
+    return {}
 
 
 # --------------------------------------------------------------------------------------
@@ -139,8 +146,8 @@ def loss_fn(logits_adv, logits_nat, logits_teacher, y, args):
 
 
 def train_step(student, teacher, optimizer, x_nat, y, args):
-    """One batch: the attack, then the ledger S(x'), T(x), S(x) (main.py train())."""
-    x_adv = inner_max(common.local(student), x_nat, y, args)
+    """One batch as main.py train(): the attack, then the forward passes S(x'), T(x), S(x), in this order."""
+    x_adv = inner_max(common.unwrap(student, keep_compiled=True), x_nat, y, args)
     with common.autocast(args.amp, x_nat.device):
         logits_adv = student(x_adv).float()  # the logits AttackPGD returns: one more train-mode pass on x'
         with torch.no_grad():
@@ -155,13 +162,24 @@ def train_step(student, teacher, optimizer, x_nat, y, args):
 
 def lr_at(epoch, args):
     """lr of 1-indexed `epoch`."""
-    if args.lr_milestones is not None:  # D-ARD-5
+    if args.lr_milestones is not None:
         return args.lr * 0.1 ** sum(epoch > m for m in args.lr_milestones)
     if args.lr_schedule == "paper":  # decays at 100 and 150 (IAD paper §5.1, describing the setup it copies from ARD)
         return args.lr * 0.1 ** ((epoch > 100) + (epoch > 150))
     # code: main.py@779ade3 adjust_learning_rate multiplies the *initial* lr by 0.1 when the 0-indexed
     # epoch is 100 or 150, so it sets 0.01 twice and never reaches 0.001; --lr-schedule paper
     return args.lr * (0.1 if epoch > 100 else 1.0)
+
+
+# --------------------------------------------------------------------------------------
+# Monitor: the test-set attack that selects best.pt, student in eval(), at the epochs of --eval-every
+# --------------------------------------------------------------------------------------
+
+# D-ARD-3: main.py test()'s PGD-10 after every epoch (the code ranks nothing); RSLAD ranked its ARD re-runs by PGD-20
+MONITORS = {
+    "pgd10-ard": dict(eps=8 / 255, steps=10, step=2 / 255, start="uniform", loss="ce_sum", bn="eval"),
+    "pgd20-monitor": dict(eps=8 / 255, steps=20, step=0.003, start="uniform-clamp", loss="ce_mean", bn="eval"),
+}
 
 
 # --------------------------------------------------------------------------------------
@@ -172,19 +190,19 @@ def main(argv=None):
     args, _ = parse_args(argv)
     run = common.Run("ard", args, args.arch)
     device = common.setup_device(args)
-    common.seed_everything(args.seed, args.deterministic)
+    common.seed_everything(args.seed)
     num_classes = common.DATASETS[args.dataset]
 
     default_teacher = "dm_wrn70_16" if args.dataset == "cifar100" else "wrn34_10"
-    teacher, _ = common.load_teacher(args, device, default_teacher)
+    teacher, teacher_info = common.load_teacher(args, device, default_teacher)
     train_data = common.train_loader(args, args.batch_size, device=device)
     test_data = common.test_loader(args, device=device)
     student = common.prepare_student(common.build_model(args.arch, num_classes), args, device)
     optimizer = common.sgd(student.parameters(), args.lr, args.momentum, args.wd)
-    cfg = common.monitor_config(args.monitor, args.dataset)
-    start = run.begin(student, optimizer)
+    attack = MONITORS[args.monitor]
+    start, best = run.begin(student, optimizer, monitor=attack, teachers={"teacher": teacher_info})
     if not run.resumed:
-        common.measure_teacher(run, teacher, test_data, cfg)
+        common.measure_teacher(run, teacher, test_data, attack)
 
     for epoch in range(start, args.epochs + 1):
         for g in optimizer.param_groups:
@@ -193,17 +211,21 @@ def main(argv=None):
         totals, n_seen = {}, 0
         with common.EpochTimer(device) as timer:
             for x_nat, y in run.batches(train_data, epoch):
+                common.broadcast_buffers(student)  # torchrun: rank 0's BatchNorm statistics, as nn.DataParallel
                 terms = train_step(student, teacher, optimizer, x_nat, y, args)
                 for k, v in terms.items():
                     totals[k] = totals.get(k, 0) + v.detach() * len(y)
                 n_seen += len(y)
         metrics = run.train_metrics(epoch, totals, n_seen, optimizer, student)
-        value = None
         if common.is_monitor_epoch(args, epoch):
-            m = common.monitor(student, test_data, cfg, tf32=args.monitor_tf32)
+            m = common.monitor(student, test_data, attack, tf32=args.monitor_tf32)
             metrics.update(test_clean=m["clean"], test_robust=m["robust"], monitor_seconds=round(m["seconds"], 2))
-            value = m["robust"]
-        run.end_epoch(epoch, metrics, student, optimizer, value=value, images=n_seen, seconds=timer.seconds)
+            if best["value"] is None or m["robust"] > best["value"]:  # strictly greater: a tie keeps the earlier epoch
+                best = {"epoch": epoch, "value": m["robust"]}
+        record = run.log_epoch(epoch, metrics, best, seconds=timer.seconds)
+        if best["epoch"] == epoch:  # best.pt before last.pt: a failed write never leaves last.pt ahead of best.pt
+            run.save_best(student, record, best)
+        run.save_last(student, optimizer, record, best)
 
 
 if __name__ == "__main__":

@@ -34,19 +34,21 @@ Smoke run on CPU (cnn_small has the stages layer1..layer3):
         --epochs 2 --train-subset 512 --test-subset 128
 
 β and t were chosen by the authors on test AutoAttack accuracy and best.pt is selected on test PGD-20, as
-the paper does; both are test-set selection. Decisions (no code, so every silent point is one):
-    D-ARDIR-1  channel-wise unit normalisation as LPIPS (--ir-norm spatial-sum: the literal Eq. 10)
-    D-ARDIR-2  keep Eq. 7's outer square root (--no-ir-sqrt: LPIPS's squared distance)
-    D-ARDIR-3  a corrected sample's target is the exact one-hot; the IR term is never corrected
-    D-ARDIR-4  IR over the raw outputs of layer1..layer4 (--ir-layers)
-    D-ARDIR-5  student attack in train-mode BN from an unclamped uniform start, CE summed (--attack-bn, --rand-start)
-    D-ARDIR-6  best.pt by PGD-20 (step a, uniform-clamp start) every epoch (--monitor)
-    D-ARDIR-7  KL batchmean with a t² factor (--kl-reduction, --no-t2)
-    D-ARDIR-8  batch 128; SVHN crop without flip; epoch 100 is the first at 0.01 (--batch-size, --lr-schedule iad-code)
-    D-ARDIR-9  the student's input in the IR term is x' (Eq. 11-12 write x)
-    D-ARDIR-10 the unused clean pass S(x) of IAD's ARD.py stays in the ledger (--no-clean-forward)
+the paper does; both are test-set selection.
 
-Decisions, defaults and sources: docs/ardir.md. Lineage for the gaps: ZFancy/IAD:ARD.py@a8091a8.
+Where the paper, IAD's ARD.py and this script part ways, or neither says (flag for the alternative):
+    D-ARDIR-1   channel-wise unit normalisation as LPIPS                                    --ir-norm spatial-sum (Eq. 10)
+    D-ARDIR-2   keep Eq. 7's outer square root                                              --no-ir-sqrt (LPIPS's square)
+    D-ARDIR-3   a corrected sample's target is the exact one-hot; the IR term is never corrected
+    D-ARDIR-4   IR over the raw outputs of layer1..layer4                                   --ir-layers
+    D-ARDIR-5   student attack in train-mode BN from an unclamped uniform start, CE summed  --attack-bn, --rand-start
+    D-ARDIR-6   best.pt by PGD-20 (step a, uniform-clamp start) every epoch                 --eval-every
+    D-ARDIR-7   KL batchmean with a t² factor                                               --kl-reduction, --no-t2
+    D-ARDIR-8   batch 128; SVHN crop without flip; epoch 100 is the first at 0.01           --batch-size, --lr-schedule iad-code
+    D-ARDIR-9   the student's input in the IR term is x' (Eq. 11-12 write x)
+    D-ARDIR-10  the unused clean pass S(x) of IAD's ARD.py stays among the forward passes   --no-clean-forward
+Decisions, defaults and their sources in full: docs/ardir.md. No official code exists; the gaps follow
+ZFancy/IAD:ARD.py@a8091a8.
 """
 
 import argparse
@@ -84,55 +86,49 @@ def parse_args(argv=None):
                         "Tables 2-3; 0 is the paper's ARD baseline)")
     g.add_argument("--temp", type=common.parse_float, default=1.0,
                    help="distillation temperature (t in ARDIR Eq. 12; every ARDIR row uses 1, SVHN's ARD (RC) row 30)")
-    # D-ARDIR-7: t² as ARD's Eq. 5 (a no-op at t = 1), KL batchmean as ZFancy/IAD:ARD.py
     g.add_argument("--t2", action=argparse.BooleanOptionalAction, default=True,
-                   help="multiply the KL term by t^2 (ARDIR Eq. 5; D-ARDIR-7; default: on)")
+                   help="multiply the KL term by t^2 (ARDIR Eq. 5, as ARD; a no-op at t = 1; default: on)")
     g.add_argument("--kl-reduction", choices=["batchmean", "elemmean", "sum"], default="batchmean",
-                   help="KL reduction (D-ARDIR-7: batchmean as IAD's ARD.py; elemmean is ARD's nn.KLDivLoss())")
+                   help="KL reduction (D-ARDIR-7: batchmean as IAD's ARD.py, with --t2; elemmean is ARD's nn.KLDivLoss())")
     g.add_argument("--label-correction", action=argparse.BooleanOptionalAction, default=True,
                    help="where the teacher misclassifies its input, its soft label becomes the one-hot label "
                         "(ARDIR Algorithm 1, §4.1; default: on)")
-    # D-ARDIR-4: one raw stage output per residual stage, as LPIPS takes one map per stage
     g.add_argument("--ir-layers", type=layer_list, default="layer1,layer2,layer3,layer4",
-                   help="comma list of modules whose outputs the IR term compares (D-ARDIR-4: the four stages of "
-                        "PreActResNet-18; cnn_small has layer1..layer3; add conv1 for the stem)")
-    # D-ARDIR-1: LPIPS's channel-wise unit normalisation; Eq. 10 divides by spatial sums that can be ~0 or negative
+                   help="comma list of modules whose raw outputs the IR term compares (D-ARDIR-4: the four stages of "
+                        "PreActResNet-18, one map per stage as LPIPS; cnn_small has layer1..layer3; add conv1 for the stem)")
     g.add_argument("--ir-norm", choices=["channel", "spatial-sum"], default="channel",
                    help="normalisation of each feature map (D-ARDIR-1): channel = unit L2 norm over channels at each "
                         "position (LPIPS); spatial-sum = the literal Eq. 10, relu(phi) over its spatial sum per channel")
-    # D-ARDIR-2: the L2 norm of Eq. 7 and 11, not LPIPS's squared distance
     g.add_argument("--ir-sqrt", action=argparse.BooleanOptionalAction, default=True,
                    help="outer square root of ARDIR Eq. 7 (D-ARDIR-2; --no-ir-sqrt: LPIPS's squared distance; "
                         "default: on)")
-    # D-ARDIR-10: ZFancy/IAD:ARD.py runs S(x) for its CE term, which weighs 0 at alpha = 1
     g.add_argument("--clean-forward", action=argparse.BooleanOptionalAction, default=True,
-                   help="the unused train-mode pass S(x) after S(x'), which moves the BN statistics (D-ARDIR-10; "
-                        "default: on)")
-    g = p.add_argument_group("inner maximisation (ARDIR §4.1; ZFancy/IAD:ARD.py AttackPGD for the rest, D-ARDIR-5)")
+                   help="the unused train-mode pass S(x) after S(x'), which moves the BN statistics (IAD's ARD.py runs "
+                        "it for its CE term, which weighs 0 at alpha = 1; D-ARDIR-10; default: on)")
+    g = p.add_argument_group("inner maximisation (ARDIR §4.1; ZFancy/IAD:ARD.py AttackPGD for the rest)")
     g.add_argument("--eps", type=common.parse_float, default="8/255", help="L-inf radius epsilon")
     g.add_argument("--attack-step", type=common.parse_float, default=None,
                    help="PGD step size a (default: 2/255; 1/255 on SVHN, ARDIR §4.1)")
     g.add_argument("--attack-steps", type=common.positive_int, default=10, help="PGD steps (k in ARDIR §4.1)")
-    # D-ARDIR-5: ARD.py's attack runs in the student's train() mode from x + U(-eps, eps), unclamped
     g.add_argument("--attack-bn", choices=["train", "eval"], default="train",
-                   help="student BatchNorm mode during the attack (D-ARDIR-5: train, every attack pass updates BN)")
+                   help="student BatchNorm mode during the attack (D-ARDIR-5: train as ARD.py, every attack pass updates BN)")
     g.add_argument("--rand-start", choices=["uniform", "uniform-clamp", "normal001", "none"], default="uniform",
-                   help="random start of the student's and RA's teacher attack (D-ARDIR-5: x + U(-eps, eps), not clamped)")
+                   help="random start of the student's and RA's teacher attack (ARD.py: x + U(-eps, eps), not clamped)")
     g = p.add_argument_group("optimisation (ARDIR §4.1)")
     g.add_argument("--epochs", type=common.positive_int, default=200, help="training epochs")
-    # D-ARDIR-8: batch size not stated; 128 as IAD's ARD.py
-    g.add_argument("--batch-size", type=common.positive_int, default=128, help="training batch size (D-ARDIR-8)")
+    g.add_argument("--batch-size", type=common.positive_int, default=128,
+                   help="training batch size (not stated; 128 as IAD's ARD.py)")
     g.add_argument("--lr", type=common.parse_float, default=0.1, help="initial SGD learning rate")
     g.add_argument("--momentum", type=common.parse_float, default=0.9, help="SGD momentum")
     g.add_argument("--wd", type=common.parse_float, default=5e-4, help="SGD weight decay")
     g.add_argument("--lr-schedule", choices=["paper", "iad-code"], default="paper",
-                   help="paper: lr/10 at the 100th and 150th epoch (1-99 0.1, 100-149 0.01, 150- 0.001; D-ARDIR-8); "
+                   help="paper: lr/10 at the 100th and 150th epoch (1-99 0.1, 100-149 0.01, 150- 0.001); "
                         "iad-code: the single decay of IAD's ARD.py (1-100 0.1, then 0.01)")
     g.add_argument("--lr-milestones", type=common.positive_int, nargs="*", default=None,
                    help="replace the schedule: lr x0.1 after each listed epoch (shortened runs)")
-    # D-ARDIR-6: PGD-20 with the test step every epoch, best = highest ("the best test robust accuracy against PGD")
-    common.add_run_args(p, monitor="pgd20-sat", eval_every=1, seed=0)
-    return common.parse(p, argv, resolve=resolve_defaults, rules={"beta": ("in [0, 1]", lambda v: 0 <= v <= 1)}), p
+    common.add_run_args(p, monitors=MONITORS, monitor="pgd20-sat", eval_every=1, seed=0)
+    return common.parse(p, argv, resolve=resolve_defaults, rules={"beta": ("in [0, 1]", lambda v: 0 <= v <= 1)},
+                        unused=unused_flags), p
 
 
 def resolve_defaults(args):
@@ -141,6 +137,17 @@ def resolve_defaults(args):
         args.beta = BETAS["svhn" if args.dataset == "svhn" else "cifar10"][args.combo]
     if args.attack_step is None:
         args.attack_step = 1 / 255 if args.dataset == "svhn" else 2 / 255  # ARDIR §4.1
+
+
+def unused_flags(args):
+    """The flags this configuration does not read: typed, they end the run with one line."""
+    unused = {}
+    if args.beta == 0:  # the paper's ARD baseline: the IR term weighs 0 (still computed and logged as `ir`)
+        why = "shapes only the IR term, which --beta 0 weighs 0"
+        unused.update(ir_norm=why, ir_sqrt=why)
+    if args.lr_milestones is not None:
+        unused["lr_schedule"] = "is replaced by --lr-milestones"
+    return unused
 
 
 # --------------------------------------------------------------------------------------
@@ -160,7 +167,7 @@ def random_start(x_nat, eps, start):
 def inner_max(student, x_nat, y, args):
     """x' maximising CE_sum(S(x'), y) (F.cross_entropy(size_average=False)); the teacher plays no part.
 
-    D-ARDIR-5: the student attacks in train() mode, so each of its forwards updates the BatchNorm
+    As IAD's ARD.py, the student attacks in train() mode, so each of its forwards updates the BatchNorm
     running statistics; the student is in train() on return.
     """
     student.train(args.attack_bn == "train")
@@ -203,7 +210,7 @@ def kl_div(p, log_q, reduction, eps=0.0):
 
 
 def normalise_map(phi, ir_norm):
-    """û of one stage output [B, C, H, W] (D-ARDIR-1)."""
+    """û of one stage output [B, C, H, W] (--ir-norm)."""
     if ir_norm == "channel":
         # LPIPS normalize_tensor (richzhang/PerceptualSimilarity:lpips/__init__.py@1c4cf7c), eps 1e-10;
         # vector_norm has sqrt(Σ φ²)'s value and a zero, not NaN, gradient where every channel is 0
@@ -214,7 +221,7 @@ def normalise_map(phi, ir_norm):
 
 def ir_distance(feats_student, feats_teacher, args):
     """IR_i per sample (ARDIR Eq. 7-11): over the layers, the spatial mean (Eq. 8's 1/sqrt(W H), squared) of
-    Σ_c (û^S − û^T)², summed; then the outer square root of Eq. 7 (D-ARDIR-2)."""
+    Σ_c (û^S − û^T)², summed; then the outer square root of Eq. 7 (--ir-sqrt)."""
     d = sum(((normalise_map(s, args.ir_norm) - normalise_map(t, args.ir_norm)) ** 2).sum(1).mean((1, 2))
             for s, t in zip(feats_student, feats_teacher))
     return torch.sqrt(d + 1e-12) if args.ir_sqrt else d  # 1e-12 keeps the gradient finite where d = 0
@@ -230,15 +237,15 @@ def loss_fn(logits_adv, feats_adv, logits_teacher, feats_teacher, y, args):
     kl = kl_div(p_teacher, F.log_softmax(logits_adv / t, dim=1), args.kl_reduction)
     kl = kl * common.global_sum_factor(args.kl_reduction)  # --kl-reduction sum under torchrun
     ir = ir_distance(feats_adv, feats_teacher, args).mean()
-    t2 = t * t if args.t2 else 1.0  # D-ARDIR-7
+    t2 = t * t if args.t2 else 1.0  # ARD's Eq. 5 factor
     loss = (1 - args.beta) * t2 * kl + args.beta * ir  # beta = 0: ARD (RC/CC/RA) with label correction
     return loss, {"loss": loss, "kl": kl, "ir": ir, "teacher_wrong": wrong.float().mean()}
 
 
 def train_step(student, teacher, optimizer, x_nat, y, args):
-    """One batch (ARDIR Algorithm 1): the student's attack, the teacher's input ẋ, then the ledger
-    S(x') (logits and stages from one pass), T(ẋ), S(x)."""
-    x_adv = inner_max(common.local(student), x_nat, y, args)
+    """One batch as ARDIR Algorithm 1: the student's attack, the teacher's input ẋ, then the forward passes
+    S(x') (logits and stages from one pass), T(ẋ), S(x), in this order."""
+    x_adv = inner_max(common.unwrap(student, keep_compiled=True), x_nat, y, args)
     x_teacher = teacher_inner_max(teacher, x_nat, y, args) if args.combo == "RA" else x_nat  # ẋ
     with common.autocast(args.amp, x_nat.device):
         # D-ARDIR-9: the student's features in the IR term come from x' (Eq. 6), the same pass as its logits
@@ -246,7 +253,7 @@ def train_step(student, teacher, optimizer, x_nat, y, args):
         with torch.no_grad():
             feats_teacher, logits_teacher = common.stage_outputs(teacher, x_teacher, args.ir_layers)
             if args.clean_forward:
-                student(x_nat)  # D-ARDIR-10: output unused (ARD.py's CE at weight 0), kept: it moves BN statistics
+                student(x_nat)  # --clean-forward: output unused (ARD.py's CE at weight 0), kept: it moves BN statistics
     loss, terms = loss_fn(logits_adv.float(), [f.float() for f in feats_adv], logits_teacher.float(),
                           [f.float() for f in feats_teacher], y, args)
     optimizer.zero_grad(set_to_none=True)
@@ -267,6 +274,16 @@ def lr_at(epoch, args):
 
 
 # --------------------------------------------------------------------------------------
+# Monitor: the test-set attack that selects best.pt, student in eval(), at the epochs of --eval-every
+# --------------------------------------------------------------------------------------
+
+# D-ARDIR-6: PGD-20 as at test (ARDIR §4.1) with the training step a, uniform-clamp start, every epoch
+MONITORS = {
+    "pgd20-sat": dict(eps=8 / 255, steps=20, step=2 / 255, start="uniform-clamp", loss="ce_mean", bn="eval"),
+}
+
+
+# --------------------------------------------------------------------------------------
 # main
 # --------------------------------------------------------------------------------------
 
@@ -275,7 +292,7 @@ def check_ir_layers(student, teacher, args, device):
     [B, C, H, W] of one shape in both (probed once, in eval mode, so no BatchNorm statistic moves)."""
     shapes = {}
     for role, model in (("student", student), ("teacher", teacher)):
-        root = common.unwrap_model(model)
+        root = common.unwrap(model)
         for name in args.ir_layers:
             try:
                 root.get_submodule(name)
@@ -305,19 +322,21 @@ def main(argv=None):
     args, _ = parse_args(argv)
     run = common.Run("ardir", args, args.arch, variant=args.combo)
     device = common.setup_device(args)
-    common.seed_everything(args.seed, args.deterministic)
+    common.seed_everything(args.seed)
     num_classes = common.DATASETS[args.dataset]
 
-    teacher, _ = common.load_teacher(args, device, "preact_resnet18")
-    train_data = common.train_loader(args, args.batch_size, device=device)  # D-ARDIR-8: SVHN cropped, not flipped
+    teacher, teacher_info = common.load_teacher(args, device, "preact_resnet18")
+    train_data = common.train_loader(args, args.batch_size, device=device)  # SVHN cropped, not flipped
     test_data = common.test_loader(args, device=device)
     student = common.prepare_student(common.build_model(args.arch, num_classes), args, device)
     check_ir_layers(student, teacher, args, device)
     optimizer = common.sgd(student.parameters(), args.lr, args.momentum, args.wd)
-    cfg = common.monitor_config(args.monitor, args.dataset)
-    start = run.begin(student, optimizer)
+    attack = MONITORS[args.monitor]
+    if args.dataset == "svhn":
+        attack = {**attack, "step": 1 / 255}  # the training step a on SVHN (ARDIR §4.1)
+    start, best = run.begin(student, optimizer, monitor=attack, teachers={"teacher": teacher_info})
     if not run.resumed:
-        common.measure_teacher(run, teacher, test_data, cfg)
+        common.measure_teacher(run, teacher, test_data, attack)
 
     for epoch in range(start, args.epochs + 1):
         for g in optimizer.param_groups:
@@ -326,17 +345,21 @@ def main(argv=None):
         totals, n_seen = {}, 0
         with common.EpochTimer(device) as timer:
             for x_nat, y in run.batches(train_data, epoch):
+                common.broadcast_buffers(student)  # torchrun: rank 0's BatchNorm statistics, as nn.DataParallel
                 terms = train_step(student, teacher, optimizer, x_nat, y, args)
                 for k, v in terms.items():
                     totals[k] = totals.get(k, 0) + v.detach() * len(y)
                 n_seen += len(y)
         metrics = run.train_metrics(epoch, totals, n_seen, optimizer, student)
-        value = None
         if common.is_monitor_epoch(args, epoch):
-            m = common.monitor(student, test_data, cfg, tf32=args.monitor_tf32)
+            m = common.monitor(student, test_data, attack, tf32=args.monitor_tf32)
             metrics.update(test_clean=m["clean"], test_robust=m["robust"], monitor_seconds=round(m["seconds"], 2))
-            value = m["robust"]
-        run.end_epoch(epoch, metrics, student, optimizer, value=value, images=n_seen, seconds=timer.seconds)
+            if best["value"] is None or m["robust"] > best["value"]:  # strictly greater: a tie keeps the earlier epoch
+                best = {"epoch": epoch, "value": m["robust"]}
+        record = run.log_epoch(epoch, metrics, best, seconds=timer.seconds)
+        if best["epoch"] == epoch:  # best.pt before last.pt: a failed write never leaves last.pt ahead of best.pt
+            run.save_best(student, record, best)
+        run.save_last(student, optimizer, record, best)
 
 
 if __name__ == "__main__":

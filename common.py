@@ -169,12 +169,13 @@ def _flag(dest):
     return "--" + dest.replace("_", "-")
 
 
-def parse(p, argv=None, resolve=None, rules=None):
+def parse(p, argv=None, resolve=None, rules=None, unused=None):
     """Parse a training script's flags. With --resume, the saved run's flags come back from its last.pt
     and only the flags in `p.resume_may_change` may be typed with a new value; any other flag typed
     with a value that differs from the saved one is refused. `resolve(args)` then fills the defaults
     that depend on other flags (a no-op for a resumed run, whose values are already resolved), and
-    every value is range-checked before anything is loaded or written."""
+    every value is range-checked before anything is loaded or written. `unused(args)` returns
+    {dest: why} for the flags this configuration does not read: typing one of them is an error."""
     argv = list(sys.argv[1:] if argv is None else argv)
     for a in p._actions:
         if a.dest == "resume":
@@ -193,6 +194,10 @@ def parse(p, argv=None, resolve=None, rules=None):
             fail(f"{_flag(dest)} is empty; give a path")
         if isinstance(value, str):
             setattr(args, dest, os.path.abspath(os.path.expanduser(value)))
+    if unused is not None:
+        for dest, why in unused(args).items():
+            if dest in given and dest != "resume":
+                fail(f"{_flag(dest)} {why}")
     if resolve is not None:
         resolve(args)
     check_values(args, rules)
@@ -228,7 +233,7 @@ def _resumed_args(p, given):
     return args
 
 
-def add_run_args(p, *, monitor, eval_every=1, eval_all_from=None, eval_first=False, seed=0,
+def add_run_args(p, *, monitors, monitor, eval_every=1, eval_all_from=None, eval_first=False, seed=0,
                  test_batch_size=128):
     """Infrastructure flags every training script shares (data, device, precision, run folder,
     monitor schedule). Method hyperparameters stay in the method's own file."""
@@ -273,8 +278,8 @@ def add_run_args(p, *, monitor, eval_every=1, eval_all_from=None, eval_first=Fal
     g.add_argument("--progress-every", type=float, default=60.0,
                    help="seconds between progress lines inside an epoch (images/s, ETA); 0: none")
     g = p.add_argument_group("robustness monitor and checkpoint selection (docs/common.md §7)")
-    g.add_argument("--monitor", default=monitor, choices=sorted(MONITORS),
-                   help="test-set attack that scores each monitored epoch; best.pt is its maximum")
+    g.add_argument("--monitor", default=monitor, choices=sorted(monitors),
+                   help="test-set attack that scores each monitored epoch (the script's MONITORS)")
     g.add_argument("--eval-every", type=positive_int, default=eval_every, help="monitor at epochs divisible by N")
     g.add_argument("--eval-all-from", type=positive_int, default=eval_all_from, help="and at every epoch >= E")
     g.add_argument("--eval-first", action=argparse.BooleanOptionalAction, default=eval_first,
@@ -1006,7 +1011,7 @@ def stage_outputs(model, x, names=None):
     torch.compile or DDP wrapper (`model(x, stages=names)`, docs/common.md §1.2).
 
     `names` defaults to model.stage_names; the stem (e.g. 'conv1'), a block ('layer1.0') and the head work too."""
-    root = unwrap_model(model)
+    root = unwrap(model)
     names = tuple(root.stage_names if names is None else names)
     for name in names:
         try:
@@ -1130,7 +1135,7 @@ def checkpoint_dict(model, *, kind, epoch, dataset, args, metrics=None, select=N
                     extra=None, peer=None):
     """The suite's own checkpoint format (docs/common.md §5): tensors and primitives only. `peer` is
     a second trained model saved next to the first (AODT's online peer)."""
-    model = unwrap_model(model)  # no _orig_mod. prefix from torch.compile
+    model = unwrap(model)  # no _orig_mod. prefix from torch.compile
     ckpt = {
         "model": _cpu_state(model),
         "arch": model.arch, "arch_kwargs": dict(model.arch_kwargs), "num_classes": model.num_classes,
@@ -1138,7 +1143,7 @@ def checkpoint_dict(model, *, kind, epoch, dataset, args, metrics=None, select=N
         "metrics": metrics or {}, "args": args,
     }
     if peer is not None:
-        peer = unwrap_model(peer)
+        peer = unwrap(peer)
         ckpt.update(peer=_cpu_state(peer), peer_arch=peer.arch, peer_arch_kwargs=dict(peer.arch_kwargs),
                     peer_norm=peer.norm)
     if optimizer is not None:
@@ -1322,9 +1327,10 @@ def file_sha256(path):
 
 
 def load_teacher(args, device, default_arch, prefix="teacher"):
-    """Load, freeze (docs/conventions.md "Teachers") and place the model of `--<prefix>`; records the
-    architecture, normalisation and file hash actually used in args.<prefix>_arch, _norm, _sha256.
-    On --resume the file may have moved, but it must hold the same bytes as when the run started."""
+    """Load, freeze (docs/conventions.md "Teachers") and place the model of `--<prefix>`. Returns it and
+    what the loader found: load_model's info with the normalisation's name ("norm") and the file's
+    "sha256"; `Run.begin(teachers=...)` records arch, norm and sha256 in args.json. On --resume the file
+    may have moved, but it must hold the same bytes as when the run started."""
     flag = prefix.replace("_", "-")
     path = getattr(args, prefix)
     norm = getattr(args, f"{prefix}_norm")
@@ -1341,13 +1347,10 @@ def load_teacher(args, device, default_arch, prefix="teacher"):
     digest, saved = file_sha256(path), getattr(args, f"{prefix}_sha256", None)
     if saved is not None and digest != saved:
         fail(f"--{flag} {path} is not the file the run started with (sha256 {digest[:12]}… vs {saved[:12]}…)")
-    setattr(args, f"{prefix}_arch", info["arch"])
-    setattr(args, f"{prefix}_norm", norm_name(info["norm"]))
-    setattr(args, f"{prefix}_sha256", digest)
-    say(f"{prefix}: {info['path']} -> {info['arch']} {info['arch_kwargs'] or ''} norm {norm_name(info['norm'])}"
+    info = {**info, "norm": norm_name(info["norm"]), "sha256": digest}
+    say(f"{prefix}: {info['path']} -> {info['arch']} {info['arch_kwargs'] or ''} norm {info['norm']}"
         f" (container {info['container']}, stripped {info['prefixes'] or 'nothing'})")
-    model = freeze(model)
-    return prepare_model(model, args, device), info
+    return prepare_model(freeze(model), args, device), info
 
 
 def warn_unrecorded(path, dataset, info):
@@ -1375,47 +1378,37 @@ def _key_mismatch(model, sd):
 
 
 # ======================================================================================
-# Runs: seeding, device and precision, run folder, metrics, resume
+# Device, precision and compilation
 # ======================================================================================
 
-def world():
-    """(rank, world size) of this process: (0, 1) outside torchrun."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def is_main():
-    """True on the process that prints and writes (rank 0, or the only process)."""
-    return world()[0] == 0
-
-
-def seed_everything(seed, deterministic=False):
+def seed_everything(seed):
     """Seeds Python, NumPy and torch. Under torchrun rank r uses seed + r, so that attack noise differs
     between ranks; data order and the monitor use their own generators (`epoch_seed`), equal on all."""
     seed = seed + world()[0]
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)  # also seeds every CUDA device
-    if deterministic:
-        # cuBLAS is deterministic only with a fixed workspace; read when its first handle is made, i.e. later
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.backends.cudnn.deterministic = True
-        torch.backends.cudnn.benchmark = False
-        torch.use_deterministic_algorithms(True, warn_only=True)
-    else:
-        torch.backends.cudnn.benchmark = True
 
 
 def setup_device(args):
-    """Device from --device, TF32 from --no-tf32; called once in main(). Under torchrun (WORLD_SIZE > 1)
-    it joins the process group (NCCL on CUDA, gloo on CPU) and takes the device of LOCAL_RANK."""
+    """The device of --device and its kernels: TF32 unless --no-tf32; cuDNN autotuning (benchmark), or with
+    --deterministic deterministic kernels only. Called once in main(). Under torchrun (WORLD_SIZE > 1) it
+    joins the process group (NCCL on CUDA, gloo on CPU) and takes the device of LOCAL_RANK."""
     name = join_process_group(str(parse_device(args.device)))
     if name.startswith("cuda"):  # TF32 exists on CUDA only; leaving the flags alone elsewhere spares recompiles
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = not args.no_tf32
+    set_deterministic(args.deterministic)
     if getattr(args, "test_batch_size", 0) is None:  # --test-batch-size sized for the device (docs/common.md §7)
         args.test_batch_size = default_test_batch(args, name)
     return torch.device(name)
+
+
+def set_deterministic(on):
+    """on: deterministic cuDNN and torch kernels (slower); off: cuDNN picks the fastest kernel per shape."""
+    if on:  # cuBLAS is deterministic only with a fixed workspace, read when its first handle is made (later)
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = on, not on
 
 
 def parse_device(name):
@@ -1432,31 +1425,6 @@ def parse_device(name):
     if device.index is not None and device.index >= torch.cuda.device_count():
         fail(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s) (cuda:0..)")
     return device
-
-
-def join_process_group(name):
-    """Under torchrun (WORLD_SIZE > 1): join the process group, NCCL for CUDA and gloo for CPU, and take
-    the GPU of LOCAL_RANK. Returns the device name to use."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        if name.startswith("cuda"):
-            name = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-            torch.cuda.set_device(name)
-        dist.init_process_group("nccl" if name.startswith("cuda") else "gloo")
-        atexit.register(_leave_process_group)
-    return name
-
-
-def _leave_process_group():
-    """At exit: wait (a bounded time) for every rank to get here, then leave. A rank that leaves while
-    rank 0 still writes its last checkpoint can take gloo's threads down with it (SIGABRT)."""
-    if not dist.is_initialized():
-        return
-    with contextlib.suppress(Exception):
-        if dist.get_backend() == "gloo":
-            dist.monitored_barrier(timeout=datetime.timedelta(seconds=300))
-        else:
-            dist.barrier()
-    dist.destroy_process_group()
 
 
 def autocast(amp, device):
@@ -1498,20 +1466,6 @@ def prepare_model(model, args, device):
     return model
 
 
-def prepare_student(model, args, device):
-    """prepare_model for the trained model, and under torchrun: --sync-bn, then DistributedDataParallel.
-    The loss forwards go through the returned wrapper (gradients all-reduced); the attack runs on
-    `local(student)`, the module itself, so that no DDP reducer or buffer broadcast enters it."""
-    model = model.to(device)
-    if world()[1] > 1 and args.sync_bn:
-        model = sync_batchnorm(model, device)
-    model = prepare_model(model, args, device)
-    if world()[1] > 1:  # buffers: broadcast_buffers, once before each step and before the monitor, not at every forward
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
-                                                    broadcast_buffers=False)
-    return model
-
-
 def sgd(params, lr, momentum, wd):
     """torch.optim.SGD as every method uses it (coupled weight decay, no dampening, no Nesterov). On CUDA
     the fused kernel: the same update in a few launches instead of several per parameter. `params`
@@ -1522,9 +1476,116 @@ def sgd(params, lr, momentum, wd):
     return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=wd, **fused)
 
 
-def local(model):
-    """The module a DDP wrapper holds (compiled or not); the model itself outside torchrun."""
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+def freeze(model):
+    """A teacher: eval() once, no parameter gradients (docs/conventions.md "Teachers")."""
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+@contextlib.contextmanager
+def input_grad_only(model):
+    """Inside: the parameters of `model` do not require grad; on exit they are as before. For every attack
+    on a trained model: torch.autograd.grad(loss, x_adv) prunes the weight gradients in eager mode, but a
+    compiled model's backward (AOTAutograd) returns a gradient for every input that requires one, which
+    is about half the arithmetic of each attack step."""
+    grads = [p.requires_grad for p in model.parameters()]
+    model.requires_grad_(False)
+    try:
+        yield model
+    finally:
+        for p, g in zip(model.parameters(), grads):
+            p.requires_grad_(g)
+
+
+def unwrap(model, keep_compiled=False):
+    """The module under a DDP wrapper and (unless `keep_compiled`) under torch.compile's wrapper: the plain
+    module holds the state_dict; the compiled one, without DDP, runs the attacks (input gradients only,
+    no gradient all-reduce)."""
+    model = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    return model if keep_compiled else getattr(model, "_orig_mod", model)
+
+
+
+class EpochTimer:
+    """Wall time of an epoch, synchronising CUDA so that queued kernels are counted."""
+
+    def __init__(self, device):
+        self.device = torch.device(device)
+
+    def __enter__(self):
+        self._sync()
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self._sync()
+        self.seconds = time.perf_counter() - self.start
+
+    def _sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+# ======================================================================================
+# Distributed training (torchrun): ranks, BatchNorm statistics, sums over ranks
+# ======================================================================================
+
+def world():
+    """(rank, world size) of this process: (0, 1) outside torchrun."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def is_main():
+    """True on the process that prints and writes (rank 0, or the only process)."""
+    return world()[0] == 0
+
+
+def say(*a):
+    """print, on the main process only."""
+    if is_main():
+        print(*a, flush=True)
+
+
+def join_process_group(name):
+    """Under torchrun (WORLD_SIZE > 1): join the process group, NCCL for CUDA and gloo for CPU, and take
+    the GPU of LOCAL_RANK. Returns the device name to use."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        if name.startswith("cuda"):
+            name = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+            torch.cuda.set_device(name)
+        dist.init_process_group("nccl" if name.startswith("cuda") else "gloo")
+        atexit.register(_leave_process_group)
+    return name
+
+
+def _leave_process_group():
+    """At exit: wait (a bounded time) for every rank to get here, then leave. A rank that leaves while
+    rank 0 still writes its last checkpoint can take gloo's threads down with it (SIGABRT)."""
+    if not dist.is_initialized():
+        return
+    with contextlib.suppress(Exception):
+        if dist.get_backend() == "gloo":
+            dist.monitored_barrier(timeout=datetime.timedelta(seconds=300))
+        else:
+            dist.barrier()
+    dist.destroy_process_group()
+
+
+def prepare_student(model, args, device):
+    """prepare_model for the trained model, and under torchrun: --sync-bn, then DistributedDataParallel.
+    The loss forwards go through the returned wrapper (gradients all-reduced); the attack runs on
+    `unwrap(student, keep_compiled=True)`, the module itself, so that no DDP reducer or buffer broadcast enters it."""
+    model = model.to(device)
+    if world()[1] > 1 and args.sync_bn:
+        model = sync_batchnorm(model, device)
+    model = prepare_model(model, args, device)
+    if world()[1] > 1:  # buffers: broadcast_buffers, once before each step and before the monitor, not at every forward
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
+                                                    broadcast_buffers=False)
+    return model
 
 
 class _AllReduceSum(torch.autograd.Function):
@@ -1583,6 +1644,31 @@ def sync_batchnorm(model, device):
     return model
 
 
+def _synced_bn(model):
+    """True when the model's BatchNorm layers compute their statistics over the global batch (--sync-bn)."""
+    return any(isinstance(m, (nn.SyncBatchNorm, _SyncBatchNorm2d)) for m in unwrap(model).modules())
+
+
+def broadcast_buffers(*models):
+    """Under torchrun, every rank takes rank 0's buffers (BatchNorm statistics), as nn.DataParallel's
+    replicas took device 0's: the attack and the monitor then see the same statistics on every rank, and
+    last.pt (rank 0's) holds the whole state a resumed run needs. One collective for all buffers of all
+    models, bit for bit (their bytes, packed). Under --sync-bn every rank already holds the same statistics:
+    nothing to do. A no-op outside torchrun."""
+    if world()[1] == 1:
+        return
+    buffers = [b for m in models if not _synced_bn(m) for b in unwrap(m).buffers()]
+    if not buffers:
+        return
+    flat = torch.cat([b.detach().reshape(-1).view(torch.uint8) for b in buffers])
+    dist.broadcast(flat, 0)
+    offset = 0
+    for b in buffers:
+        n = b.numel() * b.element_size()
+        b.copy_(flat[offset:offset + n].clone().view(b.dtype).view(b.shape))  # clone: aligned for the dtype
+        offset += n
+
+
 def global_sum_factor(reduction):
     """A loss summed over the batch (reduction "sum") adds up this rank's slice only, and DDP averages the
     ranks' gradients: times the world size it is the one-process sum over the global batch. 1 otherwise."""
@@ -1602,32 +1688,19 @@ def all_sum(t):
     return t
 
 
-def freeze(model):
-    """A teacher: eval() once, no parameter gradients (docs/conventions.md "Teachers")."""
-    model.eval()
-    model.requires_grad_(False)
-    return model
+def _rng_states_of_all_ranks():
+    """This process's generator states, or under torchrun every rank's, gathered (a collective)."""
+    state = _rng_state()
+    if world()[1] == 1:
+        return [state]
+    states = [None] * world()[1]
+    dist.all_gather_object(states, state)
+    return states
 
 
-@contextlib.contextmanager
-def input_grad_only(model):
-    """Inside: the parameters of `model` do not require grad; on exit they are as before. For every attack
-    on a trained model: torch.autograd.grad(loss, x_adv) prunes the weight gradients in eager mode, but a
-    compiled model's backward (AOTAutograd) returns a gradient for every input that requires one, which
-    is about half the arithmetic of each attack step."""
-    grads = [p.requires_grad for p in model.parameters()]
-    model.requires_grad_(False)
-    try:
-        yield model
-    finally:
-        for p, g in zip(model.parameters(), grads):
-            p.requires_grad_(g)
-
-
-def unwrap_model(model):
-    """The plain module under a DDP wrapper and a torch.compile wrapper (for state_dict and saving)."""
-    return getattr(local(model), "_orig_mod", local(model))
-
+# ======================================================================================
+# The run folder: args.json, metrics.jsonl, best.pt and last.pt, exact resume
+# ======================================================================================
 
 def _jsonable(value):
     if isinstance(value, dict):
@@ -1637,6 +1710,27 @@ def _jsonable(value):
     if isinstance(value, (str, int, float, bool)) or value is None:
         return value
     return str(value)
+
+
+def json_dumps(obj, **kw):
+    """Strict JSON: a non-finite float becomes null (json.dumps would write a bare NaN)."""
+    def clean(v):
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        return v
+    return json.dumps(clean(_jsonable(obj)), allow_nan=False, **kw)
+
+
+def environment():
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version() if torch.cuda.is_available() else None,
+            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
+            "host": platform.node(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
+            "world_size": world()[1]}
 
 
 def _rng_state():
@@ -1660,12 +1754,6 @@ def _set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def say(*a):
-    """print, on the main process only."""
-    if is_main():
-        print(*a, flush=True)
-
-
 def summary_writer_class():
     """torch.utils.tensorboard.SummaryWriter for --tensorboard, or one line naming the package to install."""
     try:
@@ -1682,6 +1770,12 @@ def tensorboard_scalars(writer, record):
             writer.add_scalar(key, value, record["epoch"])
     writer.flush()
     return writer
+
+
+def all_finite(model):
+    """True when every parameter and floating buffer of `model` is finite (one host sync)."""
+    tensors = [t for t in list(model.parameters()) + list(model.buffers()) if t.is_floating_point()]
+    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()) if tensors else True
 
 
 class Run:
@@ -1708,18 +1802,20 @@ class Run:
             while self.dir.exists():
                 i += 1
                 self.dir = base.with_name(f"{base.name}-{i}")
-        self.best = {"value": None, "epoch": None}
-        self.epoch_seconds, self.epoch_walls, self.images = [], [], None
+        self.epoch_walls, self.images = [], None
         self._epoch_start, self._said_selection = None, False
         # --tensorboard: fails here, before anything is written, when the package is missing
         self.tb_class, self.tb = (summary_writer_class() if getattr(args, "tensorboard", False) else None), None
 
-    def begin(self, model, optimizer, extra=None, peer=None):
-        """Call just before the epoch loop, once every flag is final: writes args.json, or loads the
-        resumed state into model (and `peer`), optimizer and `extra`. Returns the first epoch to run."""
+    def begin(self, model, optimizer, *, monitor, extra=None, peer=None, teachers=None):
+        """Call just before the epoch loop, once every flag is final: writes args.json (the flags, the
+        monitor's attack `monitor` and what `teachers` {prefix: load_teacher's info} found), or loads the
+        resumed state into model (and `peer`), optimizer and `extra`. Returns the first epoch to run and
+        the best monitored epoch so far, {"epoch": None, "value": None} in a new run."""
+        found = {f"{prefix}_{k}": info[k] for prefix, info in (teachers or {}).items() for k in ("arch", "norm", "sha256")}
         self.args_json = {"script": self.script, **_jsonable({k: v for k, v in vars(self.args).items()
-                                                              if not k.startswith("_")})}
-        self._models = [m for m in (model, peer) if m is not None]
+                                                              if not k.startswith("_")}),
+                          **_jsonable(found), "monitor_attack": _jsonable(monitor)}  # a resume checks the teachers' files
         say(f"run folder: {self.dir}")
         if not self.resumed:  # the folder appears only once setup has succeeded
             if is_main():
@@ -1729,16 +1825,17 @@ class Run:
                 except OSError as e:
                     _write_error(self.dir, e)
                 write_text(self.dir / "args.json", json_dumps({**self.args_json, "env": environment()}, indent=2) + "\n")
-            return 1
+            return 1, {"epoch": None, "value": None}
         ck = self.resumed
-        unwrap_model(model).load_state_dict(ck["model"])
+        unwrap(model).load_state_dict(ck["model"])
         if peer is not None:
-            unwrap_model(peer).load_state_dict(ck["peer"])
+            unwrap(peer).load_state_dict(ck["peer"])
         optimizer.load_state_dict(ck["optimizer"])
         if extra is not None:
             extra.update(ck.get("extra", {}))
         sel = ck.get("select") or {}
-        self.best = {"value": sel.get("best_value"), "epoch": sel.get("best_epoch")}
+        best = {"epoch": sel.get("best_epoch"), "value": sel.get("best_value"),
+                **({"name": sel["value_name"]} if sel.get("value_name") else {})}
         epoch = ck["epoch"]
         if is_main():
             for stale in self.dir.glob(".*.tmp"):  # a write cut short by the kill
@@ -1755,7 +1852,7 @@ class Run:
         say(f"resumed {self.dir.name} after epoch {epoch}")
         if epoch >= self.args.epochs:
             say(f"nothing to do: the run has finished its {self.args.epochs} epochs; pass --epochs N to train longer")
-        return epoch + 1
+        return epoch + 1, best
 
     def _truncate_metrics(self, epoch):
         """metrics.jsonl keeps the lines of the epochs the checkpoint holds."""
@@ -1795,7 +1892,6 @@ class Run:
         start = last = self._epoch_start = time.perf_counter()  # the teacher's measurement is not the epoch's
         global_batch = min(loader.batch_size, len(loader.y))
         for b, batch in enumerate(loader.epoch(epoch), 1):
-            broadcast_buffers(*self._models)
             yield batch
             now = time.perf_counter()
             if every and now - last >= every and b < total:
@@ -1820,7 +1916,7 @@ class Run:
         metrics = {"lr": optimizer.param_groups[0]["lr"], **{k: v / self.images for k, v in zip(keys, sums)}}
         bad = [k for k, v in metrics.items() if not math.isfinite(v)]
         if not bad:
-            bad = [f"the weights of {unwrap_model(m).arch}" for m in models if not all_finite(m)]
+            bad = [f"the weights of {unwrap(m).arch}" for m in models if not all_finite(m)]
         if bad:
             self.log({"epoch": epoch, **metrics, "diverged": bad})
             kept = (f"last.pt and best.pt keep epoch {epoch - 1}" if epoch > 1 or self.resumed
@@ -1828,48 +1924,50 @@ class Run:
             fail(f"epoch {epoch} diverged: {', '.join(bad)} not finite; {kept}; try a smaller --lr", status=1)
         return metrics
 
-    def end_epoch(self, epoch, metrics, model, optimizer, *, value=None, extra=None, images=None, seconds=None,
-                  peer=None, value_name=None):
-        """Log the epoch, update best.pt (highest `value`, ties keep the earlier epoch), write last.pt.
-        best.pt is written before last.pt, so that a failed write never leaves last.pt ahead of best.pt.
-        `images` defaults to the global count train_metrics found."""
-        args = self.args
-        images = self.images if self.images is not None else images
+    def log_epoch(self, epoch, metrics, best, seconds=None):
+        """One line of metrics.jsonl (the epoch's metrics, its time and images/s, the best epoch so far)
+        and the progress line; returns the line's record."""
         record = {"epoch": epoch, **metrics}
         if seconds is not None:
-            self.epoch_seconds.append(seconds)
             record["seconds"] = round(seconds, 3)
-            if images:
-                record["images_per_s"] = round(images / seconds, 1)
-        new_best = value is not None and (self.best["value"] is None or value > self.best["value"])
-        if new_best:
-            self.best = {"value": value, "epoch": epoch}
-        record["best_epoch"], record["best_value"] = self.best["epoch"], self.best["value"]
+            if self.images:
+                record["images_per_s"] = round(self.images / seconds, 1)
+        record["best_epoch"], record["best_value"] = best["epoch"], best["value"]
         self.log(record)
-        states = _rng_states_of_all_ranks()  # a collective: every rank takes part
-        # value_name: what `value` is when it is not the monitor's robust accuracy (e.g. W-Robust)
-        select = {"monitor": args.monitor, "value": value, "epoch": epoch, **({"value_name": value_name} if value_name else {})}
+        if self._epoch_start is not None:
+            self.epoch_walls.append(time.perf_counter() - self._epoch_start)  # training and monitor
+        say(self._progress(record, self.args.epochs))
+        return record
+
+    def _select(self, best):
+        """What selected the checkpoint: the monitor, and `best["name"]` when the value is not its robust
+        accuracy (e.g. W-Robust)."""
+        return {"monitor": self.args.monitor, **({"value_name": best["name"]} if best.get("name") else {})}
+
+    def save_best(self, model, record, best, peer=None):
+        """best.pt: the model (and `peer`) of the epoch `best` names."""
         if is_main():
-            if new_best:
-                save_checkpoint(self.dir / "best.pt", checkpoint_dict(
-                    model, kind="best", epoch=epoch, dataset=args.dataset, args=self.args_json, metrics=record,
-                    select=select, peer=peer))
-            last_select = {**select, "best_value": self.best["value"], "best_epoch": self.best["epoch"]}
-            ck = checkpoint_dict(model, kind="last", epoch=epoch, dataset=args.dataset, args=self.args_json,
-                                 metrics=record, select=last_select, optimizer=optimizer, extra=extra, peer=peer)
+            save_checkpoint(self.dir / "best.pt", checkpoint_dict(
+                model, kind="best", epoch=best["epoch"], dataset=self.args.dataset, args=self.args_json,
+                metrics=record, select={**self._select(best), "value": best["value"], "epoch": best["epoch"]}, peer=peer))
+        caveat = "" if self._said_selection else "; selected on the test set, as the papers do, not good practice"
+        self._said_selection = True
+        say(f"  best.pt <- epoch {best['epoch']} ({best.get('name') or self.args.monitor} {100 * best['value']:.2f}%){caveat}")
+
+    def save_last(self, model, optimizer, record, best, extra=None, peer=None):
+        """last.pt: everything exact resume needs (model, `peer`, optimizer, `extra`, the best epoch so far,
+        every rank's generator states). A collective: every rank calls it, rank 0 writes."""
+        states = _rng_states_of_all_ranks()
+        if is_main():
+            select = {**self._select(best), "epoch": record["epoch"], "best_value": best["value"],
+                      "best_epoch": best["epoch"]}
+            ck = checkpoint_dict(model, kind="last", epoch=record["epoch"], dataset=self.args.dataset,
+                                 args=self.args_json, metrics=record, select=select, optimizer=optimizer,
+                                 extra=extra, peer=peer)
             ck["rng"] = states[0]
             if len(states) > 1:
                 ck["rng_ranks"] = states
             save_checkpoint(self.dir / "last.pt", ck)
-        if self._epoch_start is not None:
-            self.epoch_walls.append(time.perf_counter() - self._epoch_start)  # training, monitor and saving
-        say(self._progress(record, args.epochs))
-        if new_best:
-            caveat = "" if self._said_selection else ("; selected on the test set, as the papers do, not good "
-                                                      "practice")
-            self._said_selection = True
-            say(f"  best.pt <- epoch {epoch} ({value_name or args.monitor} {100 * value:.2f}%){caveat}")
-        return record
 
     def _progress(self, r, total):
         parts = [f"epoch {r['epoch']}/{total}"]
@@ -1889,64 +1987,10 @@ class Run:
         return "  ".join(parts)
 
 
-def broadcast_buffers(*models):
-    """Under torchrun, every rank takes rank 0's buffers (BatchNorm statistics), as nn.DataParallel's
-    replicas took device 0's: the attack and the monitor then see the same statistics on every rank, and
-    last.pt (rank 0's) holds the whole state a resumed run needs. One collective for all buffers of all
-    models, bit for bit (their bytes, packed). Under --sync-bn every rank already holds the same statistics:
-    nothing to do. A no-op outside torchrun."""
-    if world()[1] == 1:
-        return
-    buffers = [b for m in models if not _synced_bn(m) for b in unwrap_model(m).buffers()]
-    if not buffers:
-        return
-    flat = torch.cat([b.detach().reshape(-1).view(torch.uint8) for b in buffers])
-    dist.broadcast(flat, 0)
-    offset = 0
-    for b in buffers:
-        n = b.numel() * b.element_size()
-        b.copy_(flat[offset:offset + n].clone().view(b.dtype).view(b.shape))  # clone: aligned for the dtype
-        offset += n
-
-
-def _synced_bn(model):
-    """True when the model's BatchNorm layers compute their statistics over the global batch (--sync-bn)."""
-    return any(isinstance(m, (nn.SyncBatchNorm, _SyncBatchNorm2d)) for m in unwrap_model(model).modules())
-
-
-def _rng_states_of_all_ranks():
-    """This process's generator states, or under torchrun every rank's, gathered (a collective)."""
-    state = _rng_state()
-    if world()[1] == 1:
-        return [state]
-    states = [None] * world()[1]
-    dist.all_gather_object(states, state)
-    return states
-
-
-def all_finite(model):
-    """True when every parameter and floating buffer of `model` is finite (one host sync)."""
-    tensors = [t for t in list(model.parameters()) + list(model.buffers()) if t.is_floating_point()]
-    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()) if tensors else True
-
-
-def json_dumps(obj, **kw):
-    """Strict JSON: a non-finite float becomes null (json.dumps would write a bare NaN)."""
-    def clean(v):
-        if isinstance(v, float) and not math.isfinite(v):
-            return None
-        if isinstance(v, dict):
-            return {k: clean(x) for k, x in v.items()}
-        if isinstance(v, (list, tuple)):
-            return [clean(x) for x in v]
-        return v
-    return json.dumps(clean(_jsonable(obj)), allow_nan=False, **kw)
-
-
-def measure_teacher(run, teacher, test_data, cfg, prefix="teacher"):
+def measure_teacher(run, teacher, test_data, attack, prefix="teacher"):
     """Clean and monitor accuracy of a frozen teacher, once, before training (docs/conventions.md "Teachers");
     logged as epoch 0 under `<prefix>/...` so that a wrong checkpoint or normalisation shows at once."""
-    m = monitor(teacher, test_data, cfg, tf32=getattr(run.args, "monitor_tf32", False))
+    m = monitor(teacher, test_data, attack, tf32=getattr(run.args, "monitor_tf32", False))
     record = {f"{prefix}/clean": m["clean"], f"{prefix}/robust": m["robust"]}
     run.log({"epoch": 0, **record})
     robust = "" if m["robust"] is None else f", {run.args.monitor} {100 * m['robust']:.2f}%"
@@ -1957,7 +2001,7 @@ def measure_teacher(run, teacher, test_data, cfg, prefix="teacher"):
 def measure_norms(run, model, test_data, prefix="teacher"):
     """Clean accuracy of a normalising model under each data set's constants, logged once (a teacher
     whose constants are a per-checkpoint fact, e.g. WRN-70-16 on CIFAR-100: docs/rslad.md §4)."""
-    base = unwrap_model(model)
+    base = unwrap(model)
     if base.mean is None:
         return {}
     saved = base.mean.clone(), base.std.clone()
@@ -1970,63 +2014,13 @@ def measure_norms(run, model, test_data, prefix="teacher"):
     base.std.copy_(saved[1])
     run.log({"epoch": 0, **record})
     say(f"{prefix}: clean " + ", ".join(f"{100 * v:.2f}% with {k.split('_')[1]} constants" for k, v in record.items())
-        + f" (in use: {getattr(run.args, prefix + '_norm', None)})")
+        + f" (in use: {run.args_json.get(prefix + '_norm')})")
     return record
-
-
-class EpochTimer:
-    """Wall time of an epoch, synchronising CUDA so that queued kernels are counted."""
-
-    def __init__(self, device):
-        self.device = torch.device(device)
-
-    def __enter__(self):
-        self._sync()
-        self.start = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc):
-        self._sync()
-        self.seconds = time.perf_counter() - self.start
-
-    def _sync(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
-
-def environment():
-    return {"python": platform.python_version(), "torch": torch.__version__,
-            "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version() if torch.cuda.is_available() else None,
-            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
-            "host": platform.node(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
-            "world_size": world()[1]}
 
 
 # ======================================================================================
 # The per-epoch robustness monitor (docs/common.md §7)
 # ======================================================================================
-
-MONITORS = {
-    # ARD/IAD AttackPGD in eval()
-    "pgd10-ard": dict(eps=8 / 255, steps=10, step=2 / 255, start="uniform", loss="ce_sum"),
-    # RSLAD/MTARD rslad_loss.py attack_pgd; TRADES and Madry recipes
-    "pgd20-monitor": dict(eps=8 / 255, steps=20, step=0.003, start="uniform-clamp", loss="ce_mean"),
-    # IAD attack_generator.PGD, category "Madry"
-    "pgd10-madry": dict(eps=8 / 255, steps=10, step=2 / 255, start="uniform-clamp", loss="ce_mean"),
-    # ARDIR and its teachers (D-ARDIR-6); step 1/255 on SVHN
-    "pgd20-sat": dict(eps=8 / 255, steps=20, step=2 / 255, start="uniform-clamp", loss="ce_mean"),
-    # TRADES pgd_attack_cifar10.py, used by ADT/AODT
-    "fgsm20-trades": dict(eps=0.031, steps=20, step=0.003, start="uniform", loss="ce_mean"),
-    "clean": None,
-}
-
-
-def monitor_config(name, dataset):
-    cfg = MONITORS[name]
-    if cfg is not None and name == "pgd20-sat" and dataset == "svhn":
-        cfg = {**cfg, "step": 1 / 255}
-    return cfg
-
 
 @contextlib.contextmanager
 def fp32_eval(model, tf32=False):
@@ -2048,7 +2042,7 @@ def fp32_eval(model, tf32=False):
         model.train(was_training)
 
 
-def _monitor_pgd(model, x, y, eps, steps, step, start, loss, noise):
+def _monitor_pgd(model, x, y, eps, steps, step, start, loss, noise, bn="eval"):
     """PGD of docs/conventions.md: sign step, project to the eps-ball, clamp to [0,1]; last iterate.
     `noise` is the random start's U(-eps, eps) draw."""
     x_adv = x + noise
@@ -2063,9 +2057,11 @@ def _monitor_pgd(model, x, y, eps, steps, step, start, loss, noise):
     return x_adv
 
 
-def monitor(model, loader, cfg, seed=0, tf32=False):
+def monitor(model, loader, attack, seed=0, tf32=False):
     """Clean and robust test accuracy (fractions of all points), fp32 (TF32 only with `tf32`: --monitor-tf32),
-    eval() mode; cfg None = clean only. Also returns the seconds it took (device work included).
+    eval() mode. `attack` is a method file's MONITORS entry: dict(eps, steps, step, start ("uniform" or
+    "uniform-clamp"), loss ("ce_sum" or "ce_mean"), bn="eval"); None = clean only. Also returns the
+    seconds it took (device work included).
 
     The random starts come from a generator seeded with `seed` (the same noise at every call, and no
     draw from the training run's generator). Under torchrun every rank first takes rank 0's BatchNorm
@@ -2073,15 +2069,17 @@ def monitor(model, loader, cfg, seed=0, tf32=False):
     the counts are all-reduced: the numbers equal the single-process ones exactly. A compiled model
     sees one batch shape only: the last, partial batch is padded with copies of its last image, which
     are not counted (eval mode: each image's result is its own)."""
-    model = local(model)  # the attack takes input gradients only: no DDP wrapper
-    broadcast_buffers(model)
+    if attack is not None and attack.get("bn", "eval") != "eval":
+        raise ValueError(f"the monitor runs in eval() mode, not BatchNorm mode {attack['bn']!r}")
+    model = unwrap(model, keep_compiled=True)  # the attack takes input gradients only: no DDP wrapper
+    broadcast_buffers(model)  # under torchrun: rank 0's BatchNorm statistics, on every rank
     rank, world_size = world()
     g = torch.Generator(device=loader.device).manual_seed(epoch_seed(seed, 0))
     counts = torch.zeros(3, dtype=torch.float64, device=loader.device)  # clean, robust, n
     pad_to = loader.batch_size if hasattr(model, "_orig_mod") else 0
     with EpochTimer(loader.device) as timer, fp32_eval(model, tf32):
         for b, (x, y) in enumerate(loader):
-            noise = None if cfg is None else torch.empty_like(x).uniform_(-cfg["eps"], cfg["eps"], generator=g)
+            noise = None if attack is None else torch.empty_like(x).uniform_(-attack["eps"], attack["eps"], generator=g)
             if b % world_size != rank:
                 continue
             n = len(y)
@@ -2089,13 +2087,13 @@ def monitor(model, loader, cfg, seed=0, tf32=False):
                 x, y, noise = (None if t is None else _pad_batch(t, pad_to, loader.memory_format) for t in (x, y, noise))
             with torch.no_grad():
                 counts[0] += (model(x).argmax(1) == y)[:n].sum()
-            if cfg is not None:
-                x_adv = _monitor_pgd(model, x, y, **cfg, noise=noise)
+            if attack is not None:
+                x_adv = _monitor_pgd(model, x, y, **attack, noise=noise)
                 with torch.no_grad():
                     counts[1] += (model(x_adv).argmax(1) == y)[:n].sum()
             counts[2] += n
         clean, robust, n = all_sum(counts).tolist()
-    return {"clean": clean / n, "robust": robust / n if cfg is not None else None, "seconds": timer.seconds}
+    return {"clean": clean / n, "robust": robust / n if attack is not None else None, "seconds": timer.seconds}
 
 
 def _pad_batch(t, size, memory_format):

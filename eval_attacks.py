@@ -583,7 +583,7 @@ def load_target(args, device):
     return common.freeze(model.float()), info, dataset  # frozen: FAB's backward would fill parameter gradients
 
 
-TEACHER_FLAGS = ("teacher", "teacher_st", "adv_teacher", "nat_teacher")
+TEACHER_FLAGS = ("teacher", "nat_teacher", "teacher_st", "adv_teacher")  # the last two: runs saved before the rename
 
 
 def _read_suite_checkpoint(path):

@@ -6,39 +6,45 @@ adversarial teacher believes the true class on the student's adversarial example
 ("introspection"), switched on after a warm-up. --variant picks one of IAD's four training scripts:
 
   iad1  L = α τ² KL(σ_τ(T(x)) ‖ σ_τ(S(x'))) + α (1/B) Σ_i (1 − a_i) KL(σ(S(x_i)) ‖ σ(S(x'_i))) + (1 − α) CE(S(x), y)
-  iad2  L = (1 − λ_at − λ_st) CE(S(x'), y) + λ_st τ² KL(σ_τ(T_st(x')) ‖ σ_τ(S(x')))
-          + λ_at τ² [ (1/B) Σ_i a_i KL(σ_τ(T_at(x'_i)) ‖ σ_τ(S(x'_i))) + (1/B) Σ_i (1 − a_i) KL(σ(S(x_i)) ‖ σ(S(x'_i))) ]
+  iad2  L = λ_1 CE(S(x'), y) + λ_3 τ² KL(σ_τ(T_st(x')) ‖ σ_τ(S(x')))                      λ_1 = 1 − λ_2 − λ_3
+          + λ_2 τ² [ (1/B) Σ_i a_i KL(σ_τ(T_at(x'_i)) ‖ σ_τ(S(x'_i))) + (1/B) Σ_i (1 − a_i) KL(σ(S(x_i)) ‖ σ(S(x'_i))) ]
   ard   iad1 without the introspection term (IAD's ARD.py: τ = 1, batchmean, the "ARD" rows of IAD's tables)
   akd2  iad2 with a_i = 1 and no introspection (IAD's AKD2.py: the "AKD²" rows)
   a_i = σ(T_at(x'_i))_{y_i}^β, detached                                       IAD Eq. 4; IAD-I.py, IAD-II.py
   x' = argmax_{‖x'-x‖∞ ≤ ε} CE(S(x'), y)                                        AttackPGD (as ARD's)
+T = T_at is the adversarially trained teacher (--teacher), T_st the naturally trained one (--nat-teacher);
+λ_1, λ_2, λ_3 are IAD Algorithm 1's weights of IAD-II (--lambda2, --lambda3), α is ARD's (1 − λ of IAD-I).
 
 Before the warm-up ends (0-indexed epoch < --begin) iad1 and iad2 train with their base loss (a_i = 1
 for iad2). KL is batchmean; the introspection target σ(S(x)) is not detached, untempered and, in iad1,
-without τ² (D-IAD-2). Defaults: τ = 1, α = 1, λ_at = 0.5, λ_st = 0.25, β = 0.1.
+without τ². Defaults: τ = 1, α = 1, λ_2 = 0.5, λ_3 = 0.25, β = 0.1.
 
 Teachers (ResNet-18, trained by the suite; IAD publishes none):
     python train_teacher.py --recipe sat-iad                       # AT teacher T / T_at: IAD Table 2 "AT" 83.06 / 46.70 AA
-    python train_teacher.py --recipe natural-iad                   # standard teacher T_st (iad2, akd2)
+    python train_teacher.py --recipe natural-iad                   # natural teacher T_st (iad2, akd2)
     python train_teacher.py --recipe trades-iad                    # TRADES teacher for the "TRADES" rows
     (add --dataset cifar100 for CIFAR-100)
 Headline commands, ResNet-18 student, AT teacher, IAD Table 2 (Natural / FGSM / PGD-20 / CW∞ / AA):
     python iad.py --teacher AT.pt                                          C-10 IAD-I   82.09 / 63.20 / 52.14 / 50.74 / 48.66
-    python iad.py --variant iad2 --teacher AT.pt --teacher-st ST.pt        C-10 IAD-II  83.21 / 63.54 / 51.85 / 50.67 / 48.58
+    python iad.py --variant iad2 --teacher AT.pt --nat-teacher ST.pt       C-10 IAD-II  83.21 / 63.54 / 51.85 / 50.67 / 48.58
     python iad.py --variant ard --teacher AT.pt                            C-10 ARD     83.13 / 64.11 / 51.36 / 50.37 / 48.05
-    python iad.py --variant akd2 --teacher AT.pt --teacher-st ST.pt        C-10 AKD²    83.52 / 63.91 / 51.36 / 50.36 / 48.08
+    python iad.py --variant akd2 --teacher AT.pt --nat-teacher ST.pt       C-10 AKD²    83.52 / 63.91 / 51.36 / 50.36 / 48.08
     python iad.py --dataset cifar100 --teacher AT100.pt                    C-100 IAD-I  55.53 / 35.69 / 27.40 / 25.80 / 23.66
-    python iad.py --dataset cifar100 --variant iad2 --teacher AT100.pt --teacher-st ST100.pt
+    python iad.py --dataset cifar100 --variant iad2 --teacher AT100.pt --nat-teacher ST100.pt
                                                                            C-100 IAD-II 57.26 / 35.94 / 27.50 / 25.68 / 24.06
     (TRADES teacher, C-10: IAD-I 80.63 / ... / 50.17 AA, IAD-II 83.76 / ... / 48.91 AA; docs/iad.md §5)
 Evaluate with: python eval_attacks.py runs/<run>/best.pt --preset iad
 Smoke run on CPU:
     python iad.py --teacher runs/<teacher-run>/best.pt --arch cnn_small --epochs 2 --begin 1 --train-subset 512 --test-subset 128
 
-Decisions: D-IAD-1 one lr decay as the code (--lr-schedule paper: two); D-IAD-2 untempered introspection
-(--introspection-temp paper: Algorithm 1's tempered form inside τ²); D-IAD-3 warm-up 80 on CIFAR-100
-(--begin); D-IAD-4 AKD² as IAD runs it (no flag); D-IAD-5 TRADES teacher recipe (--teacher).
-Decisions, defaults and sources: docs/iad.md. Official code: ZFancy/IAD@a8091a8 (IAD-I.py, IAD-II.py, ARD.py, AKD2.py).
+Where the paper, the code and this script part ways (flag for the alternative):
+    D-IAD-1  one lr decay, as the scripts' adjust_learning_rate (IAD §5.1: two)                       --lr-schedule paper
+    D-IAD-2  introspection KL untempered (iad1: outside τ²) as the scripts; Algorithm 1 tempers it    --introspection-temp paper
+    D-IAD-3  warm-up 80 for both variants on CIFAR-100 (IAD §5.1; the scripts have 60 / 40 only)      --begin
+    D-IAD-4  AKD² as IAD's AKD2.py runs it (0.25 / 0.5 / 0.25, τ 1, batchmean), not Chen et al.'s     (no flag)
+    D-IAD-5  TRADES rows' teacher: train_teacher.py --recipe trades-iad (IAD ships no TRADES script)  --teacher
+Decisions, defaults and their sources in full: docs/iad.md. Official code: ZFancy/IAD@a8091a8 (IAD-I.py, IAD-II.py,
+ARD.py, AKD2.py).
 """
 
 import torch
@@ -47,7 +53,8 @@ import torch.nn.functional as F
 import common
 
 VARIANTS = ("iad1", "iad2", "ard", "akd2")
-TWO_TEACHERS = ("iad2", "akd2")
+TWO_TEACHERS = ("iad2", "akd2")  # they add the naturally trained teacher T_st
+INTROSPECTIVE = ("iad1", "iad2")  # they add the introspection term after the warm-up
 
 
 def parse_args(argv=None):
@@ -55,11 +62,11 @@ def parse_args(argv=None):
     g = p.add_argument_group("models")
     g.add_argument("--variant", choices=VARIANTS, default="iad1",
                    help="iad1: IAD-I.py; iad2: IAD-II.py; ard: IAD's ARD.py; akd2: IAD's AKD2.py")
-    # D-IAD-5: the TRADES rows' teacher is train_teacher.py --recipe trades-iad (IAD ships no TRADES script)
     common.add_teacher_args(p, g, what="adversarial teacher", arch_help="default: resnet18",
-                            norm_help="default: the suite checkpoint's record, else none")
-    # only iad2 and akd2 use it; resolve_defaults says so in one line
-    common.add_teacher_args(p, g, prefix="teacher_st", what="standard teacher", required=False,
+                            norm_help="default: the suite checkpoint's record, else none",
+                            help="adversarially trained teacher T (T_at in IAD-II): train_teacher.py --recipe sat-iad, "
+                                 "or trades-iad for the TRADES rows (D-IAD-5)")
+    common.add_teacher_args(p, g, prefix="nat_teacher", what="natural teacher", required=False,
                             help="naturally trained teacher T_st, required by iad2 and akd2 (train_teacher.py "
                                  "--recipe natural-iad)",
                             arch_help="default: resnet18", norm_help="default: the suite checkpoint's record, else none")
@@ -68,18 +75,18 @@ def parse_args(argv=None):
     g.add_argument("--temp", type=common.parse_float, default=1.0, help="distillation temperature (tau in IAD §5.1)")
     g.add_argument("--alpha", type=common.parse_float, default=1.0,
                    help="iad1, ard: weight of the distillation terms; 1 - alpha weighs CE(S(x), y) (1 - lambda in IAD Algorithm 1)")
-    g.add_argument("--alpha1", type=common.parse_float, default=0.5,
-                   help="iad2, akd2: weight of the adversarial-teacher bracket (lambda_2 in IAD Algorithm 1)")
-    g.add_argument("--alpha2", type=common.parse_float, default=0.25,
-                   help="iad2, akd2: weight of the standard-teacher term (lambda_3); CE(S(x'), y) gets 1 - alpha1 - alpha2")
+    g.add_argument("--lambda2", type=common.parse_float, default=0.5,
+                   help="iad2, akd2: weight of the adversarial-teacher bracket (lambda_2 in IAD Algorithm 1 and §5.1)")
+    g.add_argument("--lambda3", type=common.parse_float, default=0.25,
+                   help="iad2, akd2: weight of the natural-teacher term (lambda_3); CE(S(x'), y) gets "
+                        "lambda_1 = 1 - lambda2 - lambda3")
     g.add_argument("--beta", type=common.parse_float, default=0.1,
-                   help="sharpening exponent of a_i = P_T(x'|y)^beta (beta in IAD Eq. 4)")
+                   help="iad1, iad2: sharpening exponent of a_i = P_T(x'|y)^beta (beta in IAD Eq. 4)")
     g.add_argument("--begin", type=int, default=None,
                    help="iad1, iad2: 0-indexed first epoch with introspection, i.e. the warm-up length (default: "
                         "60 for iad1 and 40 for iad2 on CIFAR-10 and SVHN, 80 for both on CIFAR-100, D-IAD-3)")
-    # D-IAD-2: the scripts' introspection KL is untempered (IAD-I: outside tau^2); Algorithm 1 tempers it
     g.add_argument("--introspection-temp", choices=["code", "paper"], default="code",
-                   help="code: introspection KL untempered (iad1: also without tau^2); paper: Algorithm 1, "
+                   help="iad1, iad2: code: introspection KL untempered (iad1: also without tau^2); paper: Algorithm 1, "
                         "sigma_tau on both sides and inside the tau^2 bracket (D-IAD-2)")
     g = p.add_argument_group("inner maximisation (AttackPGD in IAD's scripts)")
     g.add_argument("--eps", type=common.parse_float, default="8/255", help="L-inf radius epsilon")
@@ -95,34 +102,40 @@ def parse_args(argv=None):
     g.add_argument("--lr", type=common.parse_float, default=0.1, help="initial SGD learning rate")
     g.add_argument("--momentum", type=common.parse_float, default=0.9, help="SGD momentum")
     g.add_argument("--wd", type=common.parse_float, default=2e-4, help="SGD weight decay")
-    # D-IAD-1: the scripts' adjust_learning_rate decays once (as ARD's); --lr-schedule paper decays at 100 and 150
     g.add_argument("--lr-schedule", choices=["code", "paper"], default="code",
                    help="code: one decay after epoch 100 (adjust_learning_rate bug); paper: decays after 100 and 150 (D-IAD-1)")
     g.add_argument("--lr-milestones", type=common.positive_int, nargs="*", default=None,
                    help="replace the schedule: lr x0.1 after each listed epoch (shortened runs)")
-    # best.pt by test()'s PGD-10 (AttackPGD in eval mode) every epoch, as the scripts' bestpoint.pth.tar; seed 1
-    common.add_run_args(p, monitor="pgd10-ard", eval_every=1, seed=1, test_batch_size=128)
+    common.add_run_args(p, monitors=MONITORS, monitor="pgd10-ard", eval_every=1, seed=1, test_batch_size=128)
     unit = ("in [0, 1]", lambda v: 0 <= v <= 1)
-    rules = {"alpha": unit, "alpha1": unit, "alpha2": unit, "beta": ("a number >= 0", lambda v: v >= 0),
+    rules = {"alpha": unit, "lambda2": unit, "lambda3": unit, "beta": ("a number >= 0", lambda v: v >= 0),
              "begin": ("an integer >= 0", lambda v: v >= 0)}
-    return common.parse(p, argv, resolve=resolve_defaults, rules=rules), p
+    return common.parse(p, argv, resolve=resolve_defaults, rules=rules, unused=unused_flags), p
 
 
 def resolve_defaults(args):
-    """The warm-up length by variant and data set, and the flags each variant needs (docs/iad.md §3)."""
-    two = args.variant in TWO_TEACHERS
-    if two and args.teacher_st is None:
-        common.fail(f"--variant {args.variant} needs the standard teacher: --teacher-st CKPT "
+    """The warm-up length by variant and data set, and the natural teacher of iad2 and akd2 (docs/iad.md §3)."""
+    if args.variant in TWO_TEACHERS and args.nat_teacher is None:
+        common.fail(f"--variant {args.variant} needs the natural teacher: --nat-teacher CKPT "
                     "(python train_teacher.py --recipe natural-iad)")
-    if not two and args.teacher_st is not None:
-        common.fail(f"--teacher-st is used by iad2 and akd2 only, not by --variant {args.variant}")
-    if args.variant in ("ard", "akd2") and args.begin is not None:
-        common.fail(f"--begin is the warm-up of iad1 and iad2; --variant {args.variant} has no introspection")
-    if args.variant in ("iad1", "iad2") and args.begin is None:
-        # D-IAD-3: IAD §5.1 "60/80 and 40/80 epochs" (CIFAR-10/CIFAR-100); the scripts only have 60 / 40
+    if args.variant in INTROSPECTIVE and args.begin is None:
+        # IAD §5.1 "60/80 and 40/80 epochs" (CIFAR-10/CIFAR-100); the scripts only have 60 / 40
         args.begin = 80 if args.dataset == "cifar100" else (60 if args.variant == "iad1" else 40)
-    if two and args.alpha1 + args.alpha2 > 1:
-        common.fail(f"--alpha1 + --alpha2 must be at most 1 (CE weight 1 - alpha1 - alpha2), got {args.alpha1 + args.alpha2:g}")
+    if args.variant in TWO_TEACHERS and args.lambda2 + args.lambda3 > 1:
+        common.fail(f"--lambda2 + --lambda3 must be at most 1 (CE weight lambda_1 = 1 - lambda2 - lambda3), "
+                    f"got {args.lambda2 + args.lambda3:g}")
+
+
+def unused_flags(args):
+    """The flags this configuration does not read: typed, they end the run with one line."""
+    readers = {"alpha": ("iad1", "ard"), "lambda2": TWO_TEACHERS, "lambda3": TWO_TEACHERS,
+               "beta": INTROSPECTIVE, "begin": INTROSPECTIVE, "introspection_temp": INTROSPECTIVE,
+               **{f"nat_teacher{s}": TWO_TEACHERS for s in ("", "_arch", "_norm", "_shortcut_from")}}
+    unused = {dest: f"is read by --variant {' and '.join(variants)} only, not by {args.variant}"
+              for dest, variants in readers.items() if args.variant not in variants}
+    if args.lr_milestones is not None:
+        unused["lr_schedule"] = "is not read when --lr-milestones replaces the schedule"
+    return unused
 
 
 def introspection_on(epoch, args):
@@ -206,8 +219,7 @@ def loss_fn(logits_adv, logits_nat, logits_teacher, y, args, logits_self=None, l
     terms = {"kl": kl, "ce": ce}
     if logits_self is not None:
         a = trust(logits_guide, y, args.beta)
-        # D-IAD-2: the code's introspection term is untempered and outside tau^2; --introspection-temp paper
-        paper = args.introspection_temp == "paper"
+        paper = args.introspection_temp == "paper"  # the code: untempered and outside tau^2
         intro = introspection(logits_adv, logits_self, a, tau if paper else 1.0)
         loss = loss + args.alpha * (tau * tau if paper else 1.0) * intro
         terms.update(intro=intro, trust=a.mean())
@@ -218,7 +230,7 @@ def loss_fn(logits_adv, logits_nat, logits_teacher, y, args, logits_self=None, l
 def loss_fn_akd2(logits_adv, logits_teacher, logits_st, y, args, logits_self=None):
     """iad2 (IAD-II.py) and, with logits_self None, akd2 (AKD2.py; IAD-II.py before the warm-up ends).
     Both teachers saw x'; after the warm-up the adversarial-teacher term is weighted by a_i (from the
-    same T_at(x')) and the introspection term joins it inside the lambda_at tau^2 bracket."""
+    same T_at(x')) and the introspection term joins it inside the lambda_2 tau^2 bracket."""
     tau = args.temp
     log_q = F.log_softmax(logits_adv / tau, dim=1)
     ce = F.cross_entropy(logits_adv, y)
@@ -230,24 +242,24 @@ def loss_fn_akd2(logits_adv, logits_teacher, logits_st, y, args, logits_self=Non
     else:
         a = trust(logits_teacher, y, args.beta)
         kl_at = (kl_rows(F.softmax(logits_teacher / tau, dim=1), log_q) * a).sum() / len(a)
-        # D-IAD-2: the code's introspection term is untempered; --introspection-temp paper tempers it
+        # the code: untempered (inside the lambda_2 tau^2 bracket); --introspection-temp paper tempers it
         intro = introspection(logits_adv, logits_self, a, tau if args.introspection_temp == "paper" else 1.0)
         bracket = kl_at + intro
         terms.update(intro=intro, trust=a.mean())
-    loss = (1 - args.alpha1 - args.alpha2) * ce + args.alpha1 * tau * tau * bracket + args.alpha2 * tau * tau * kl_st
+    loss = (1 - args.lambda2 - args.lambda3) * ce + args.lambda2 * tau * tau * bracket + args.lambda3 * tau * tau * kl_st
     return loss, {"loss": loss, "kl_at": kl_at, **terms}
 
 
-def train_step(student, teacher, teacher_st, optimizer, x_nat, y, epoch, args):
-    """One batch of the variant's official train(): the attack, then its ledger of train-mode passes
+def train_step(student, teacher, nat_teacher, optimizer, x_nat, y, epoch, args):
+    """One batch as the variant's official train(): the attack, then the forward passes, in this order
 
-    iad1: S(x'), S(x') unused, [S(x) introspection target,] S(x) CE       ard:  S(x'), S(x) CE
-    iad2: S(x'), [S(x) introspection target]                              akd2: S(x')
-    ([...]: from the warm-up on). Teachers: iad1, ard T(x) [and T(x')]; iad2, akd2 T_at(x'), T_st(x').
+    iad1: S(x'), T(x), S(x') unused, [T(x'), S(x) introspection target,] S(x) CE     ard:  S(x'), T(x), S(x) CE
+    iad2: S(x'), T_at(x'), T_st(x'), [S(x) introspection target]                     akd2: S(x'), T_at(x'), T_st(x')
+    ([...]: from the warm-up on; the student in train(), the teachers in eval()).
     """
     intro = introspection_on(epoch, args)
     logits_self = logits_guide = None
-    x_adv = inner_max(common.local(student), x_nat, y, args)
+    x_adv = inner_max(common.unwrap(student, keep_compiled=True), x_nat, y, args)
     with common.autocast(args.amp, x_nat.device):
         logits_adv = student(x_adv).float()  # the logits AttackPGD returns: one more train-mode pass on x'
         if args.variant in ("iad1", "ard"):
@@ -263,7 +275,7 @@ def train_step(student, teacher, teacher_st, optimizer, x_nat, y, epoch, args):
         else:
             with torch.no_grad():
                 logits_teacher = teacher(x_adv).float()  # T_at on x'; also IAD-II.py's `guide`
-                logits_st = teacher_st(x_adv).float()  # T_st on x'
+                logits_st = nat_teacher(x_adv).float()  # T_st on x'
             if intro:
                 logits_self = student(x_nat).float()  # introspection target, not detached
     if args.variant in ("iad1", "ard"):
@@ -280,11 +292,21 @@ def lr_at(epoch, args):
     """lr of 1-indexed `epoch`."""
     if args.lr_milestones is not None:
         return args.lr * 0.1 ** sum(epoch > m for m in args.lr_milestones)
-    if args.lr_schedule == "paper":  # D-IAD-1 alternative: IAD §5.1 "divided by 10 at Epoch 100 and Epoch 150"
+    if args.lr_schedule == "paper":  # decays at 100 and 150 (IAD §5.1 "divided by 10 at Epoch 100 and Epoch 150")
         return args.lr * 0.1 ** ((epoch > 100) + (epoch > 150))
     # code: IAD-I.py@a8091a8 adjust_learning_rate multiplies the *initial* lr by 0.1 when the 0-indexed
     # epoch is 100 or 150, so it sets 0.01 twice and never reaches 0.001; --lr-schedule paper
     return args.lr * (0.1 if epoch > 100 else 1.0)
+
+
+# --------------------------------------------------------------------------------------
+# Monitor: the test-set attack that selects best.pt, student in eval(), at the epochs of --eval-every
+# --------------------------------------------------------------------------------------
+
+# the scripts' test(): AttackPGD's PGD-10 in eval() after every epoch, whose best is their bestpoint.pth.tar
+MONITORS = {
+    "pgd10-ard": dict(eps=8 / 255, steps=10, step=2 / 255, start="uniform", loss="ce_sum", bn="eval"),
+}
 
 
 # --------------------------------------------------------------------------------------
@@ -295,23 +317,23 @@ def main(argv=None):
     args, _ = parse_args(argv)
     run = common.Run("iad", args, args.arch, variant=args.variant)
     device = common.setup_device(args)
-    common.seed_everything(args.seed, args.deterministic)
+    common.seed_everything(args.seed)
     num_classes = common.DATASETS[args.dataset]
 
-    teacher, _ = common.load_teacher(args, device, "resnet18")
-    teacher_st = None
+    teacher, teacher_info = common.load_teacher(args, device, "resnet18")
+    teachers, nat_teacher = {"teacher": teacher_info}, None
     if args.variant in TWO_TEACHERS:
-        teacher_st, _ = common.load_teacher(args, device, "resnet18", prefix="teacher_st")
+        nat_teacher, teachers["nat_teacher"] = common.load_teacher(args, device, "resnet18", prefix="nat_teacher")
     train_data = common.train_loader(args, args.batch_size, device=device)
     test_data = common.test_loader(args, device=device)
     student = common.prepare_student(common.build_model(args.arch, num_classes), args, device)
     optimizer = common.sgd(student.parameters(), args.lr, args.momentum, args.wd)
-    cfg = common.monitor_config(args.monitor, args.dataset)
-    start = run.begin(student, optimizer)
+    attack = MONITORS[args.monitor]
+    start, best = run.begin(student, optimizer, monitor=attack, teachers=teachers)
     if not run.resumed:
-        common.measure_teacher(run, teacher, test_data, cfg)
-        if teacher_st is not None:
-            common.measure_teacher(run, teacher_st, test_data, cfg, prefix="teacher_st")
+        common.measure_teacher(run, teacher, test_data, attack)
+        if nat_teacher is not None:
+            common.measure_teacher(run, nat_teacher, test_data, attack, prefix="nat_teacher")
 
     for epoch in range(start, args.epochs + 1):
         for g in optimizer.param_groups:
@@ -320,17 +342,21 @@ def main(argv=None):
         totals, n_seen = {}, 0
         with common.EpochTimer(device) as timer:
             for x_nat, y in run.batches(train_data, epoch):
-                terms = train_step(student, teacher, teacher_st, optimizer, x_nat, y, epoch, args)
+                common.broadcast_buffers(student)  # torchrun: rank 0's BatchNorm statistics, as nn.DataParallel
+                terms = train_step(student, teacher, nat_teacher, optimizer, x_nat, y, epoch, args)
                 for k, v in terms.items():
                     totals[k] = totals.get(k, 0) + v.detach() * len(y)
                 n_seen += len(y)
         metrics = run.train_metrics(epoch, totals, n_seen, optimizer, student)
-        value = None
         if common.is_monitor_epoch(args, epoch):
-            m = common.monitor(student, test_data, cfg, tf32=args.monitor_tf32)
+            m = common.monitor(student, test_data, attack, tf32=args.monitor_tf32)
             metrics.update(test_clean=m["clean"], test_robust=m["robust"], monitor_seconds=round(m["seconds"], 2))
-            value = m["robust"]
-        run.end_epoch(epoch, metrics, student, optimizer, value=value, images=n_seen, seconds=timer.seconds)
+            if best["value"] is None or m["robust"] > best["value"]:  # strictly greater: a tie keeps the earlier epoch
+                best = {"epoch": epoch, "value": m["robust"]}
+        record = run.log_epoch(epoch, metrics, best, seconds=timer.seconds)
+        if best["epoch"] == epoch:  # best.pt before last.pt: a failed write never leaves last.pt ahead of best.pt
+            run.save_best(student, record, best)
+        run.save_last(student, optimizer, record, best)
 
 
 if __name__ == "__main__":

@@ -15,16 +15,16 @@ Other rows:
     python rslad.py --dataset cifar100 --teacher cifar100_linf_wrn70-16_without.pt         57.74 / ... / 26.70 AA
     python rslad.py --dataset cifar100 --teacher cifar100_linf_wrn70-16_without.pt --arch mobilenet_v2   26.12 AA
 Evaluate with: python eval_attacks.py runs/<run>/best.pt --preset rslad
-Smoke run on CPU (any checkpoint common.load_model reads as the teacher):
+Smoke run on CPU:
     python rslad.py --teacher runs/<teacher-run>/best.pt --arch cnn_small --epochs 2 --train-subset 512 --test-subset 128
 
 Where the paper, the code and this script part ways (flag for the alternative):
-    D-RSLAD-1  teacher in fp32; RSLAD's CIFAR-100 script at HEAD crashes on a half teacher       --teacher-dtype fp16
-    D-RSLAD-2  log_softmax; the CIFAR-100 scripts take torch.log(softmax), -inf on underflow    --log-of-softmax
-    D-RSLAD-3  WRN-70-16 teacher with CIFAR-10 constants, as RSLAD's code builds it             --teacher-norm cifar100
+    D-RSLAD-1  teacher in fp32; RSLAD's CIFAR-100 script at HEAD crashes on a half teacher          --teacher-dtype fp16
+    D-RSLAD-2  log_softmax; the CIFAR-100 scripts take torch.log(softmax), -inf on underflow       --log-of-softmax
+    D-RSLAD-3  WRN-70-16 teacher with CIFAR-10 constants, as RSLAD's code builds it                --teacher-norm cifar100
     D-RSLAD-4  best.pt by PGD-20 (step 0.003) at epochs 20, 40, ..., 200 and every epoch from 215  --eval-every 1
-    D-RSLAD-5  Table 6 ablation halves taken verbatim from ARD                                  --inner ard, --outer ard
-    code vs paper: the KL is averaged over batch and classes (elemmean) and x10 on CIFAR-100, as the scripts do.
+    D-RSLAD-5  Table 6 ablation halves taken verbatim from ARD                                     --inner ard, --outer ard
+    code vs paper: the KL is averaged over batch and classes (elemmean), x10 on CIFAR-100          --kl-reduction, --kl-scale
 Decisions, defaults and their sources in full: docs/rslad.md. Official code: zibojia/RSLAD@c40e04f.
 """
 
@@ -53,7 +53,8 @@ def parse_args(argv=None):
     g.add_argument("--log-of-softmax", action="store_true",
                    help="compute log q as torch.log(softmax(.)) like the CIFAR-100 scripts (D-RSLAD-2)")
     g.add_argument("--outer", choices=["rslad", "ard"], default="rslad",
-                   help="ard: replace the loss by ARD's (alpha 1, tau 30, elemmean) for RSLAD Table 6 (D-RSLAD-5)")
+                   help="ard: replace the loss by ARD's (alpha 1, tau 30, elemmean) for RSLAD Table 6 (D-RSLAD-5; "
+                        "with --inner ard, the other half)")
     g = p.add_argument_group("inner maximisation")
     g.add_argument("--eps", type=common.parse_float, default="8/255", help="L-inf radius epsilon")
     g.add_argument("--attack-step", type=common.parse_float, default="2/255", help="PGD step size")
@@ -63,7 +64,7 @@ def parse_args(argv=None):
     g.add_argument("--rand-start", choices=["uniform", "uniform-clamp", "normal001", "none"], default=None,
                    help="random start (default: normal001 = x + 0.001 N(0,I); uniform with --inner ard)")
     g.add_argument("--inner", choices=["rslad", "ard"], default="rslad",
-                   help="ard: ARD's attack (CE on labels, train-mode BN, uniform start) for RSLAD Table 6 (D-RSLAD-5)")
+                   help="ard: ARD's attack (CE on labels, train-mode BN, uniform start) for RSLAD Table 6")
     g = p.add_argument_group("optimisation (RSLAD §4.1)")
     g.add_argument("--epochs", type=common.positive_int, default=300, help="training epochs")
     g.add_argument("--batch-size", type=common.positive_int, default=128, help="training batch size")
@@ -72,9 +73,9 @@ def parse_args(argv=None):
     g.add_argument("--wd", type=common.parse_float, default=2e-4, help="SGD weight decay")
     g.add_argument("--lr-milestones", type=common.positive_int, nargs="*", default=[215, 260, 285],
                    help="multiply lr by 0.1 after each of these epochs (the code's reading of 'at the 215th, ...')")
-    # D-RSLAD-4: the scripts' attack_pgd at epochs 20, 40, ..., 200 and every epoch from 215; --eval-every 1
-    common.add_run_args(p, monitor="pgd20-monitor", eval_every=20, eval_all_from=215, seed=0)
-    return common.parse(p, argv, resolve=resolve_defaults, rules={"alpha": ("in [0, 1]", lambda v: 0 <= v <= 1)}), p
+    common.add_run_args(p, monitors=MONITORS, monitor="pgd20-monitor", eval_every=20, eval_all_from=215, seed=0)
+    return common.parse(p, argv, resolve=resolve_defaults, rules={"alpha": ("in [0, 1]", lambda v: 0 <= v <= 1)},
+                        unused=unused_flags), p
 
 
 def resolve_defaults(args):
@@ -85,6 +86,14 @@ def resolve_defaults(args):
         args.attack_bn = "train" if args.inner == "ard" else "eval"
     if args.rand_start is None:
         args.rand_start = "uniform" if args.inner == "ard" else "normal001"
+
+
+def unused_flags(args):
+    """The flags this configuration does not read: typed, they end the run with one line."""
+    if args.outer == "ard":  # loss_fn_ard: ARD's loss with its own constants
+        why = "is not read by --outer ard (ARD's loss: alpha 1, tau 30, elemmean)"
+        return {"alpha": why, "kl_scale": why, "kl_reduction": why, "log_of_softmax": why}
+    return {}
 
 
 # --------------------------------------------------------------------------------------
@@ -105,7 +114,7 @@ def inner_max(student, x_nat, y, logits_teacher, args):
     """x' maximising KL_sum(σ(T(x)) ‖ σ(S(x'))) (RSLAD Eq. 3 inner; KLDivLoss(reduce=False) then torch.sum).
 
     The student attacks in eval() mode (rslad_loss.py calls model.eval()) and is back in train() on return.
-    With --inner ard the objective is ARD's CE_sum on the labels instead (D-RSLAD-5).
+    With --inner ard the objective is ARD's CE_sum on the labels instead (RSLAD Table 6).
     """
     student.train(args.attack_bn == "train")
     p_teacher = F.softmax(logits_teacher, dim=1)
@@ -139,8 +148,8 @@ def kl_div(p, log_q, reduction, eps=0.0):
     return e.sum() / len(p) if reduction == "batchmean" else e.mean()
 
 
-def log_softmax(logits, args):
-    # D-RSLAD-2: --log-of-softmax computes torch.log(F.softmax(.)) as the CIFAR-100 scripts do
+def log_probs(logits, args):
+    """The student's log q: F.log_softmax, or torch.log(F.softmax(.)) as the CIFAR-100 scripts with --log-of-softmax."""
     return torch.log(F.softmax(logits, dim=1)) if args.log_of_softmax else F.log_softmax(logits, dim=1)
 
 
@@ -149,28 +158,28 @@ def loss_fn(logits_adv, logits_nat, logits_teacher, args):
     p_teacher = F.softmax(logits_teacher, dim=1)
     k = args.kl_scale * common.global_sum_factor(args.kl_reduction)  # --kl-reduction sum under torchrun
     # official kl_loss: p * (log(p + 1e-5) - log q), then torch.mean over B x C (elemmean), times k
-    kl_adv = k * kl_div(p_teacher, log_softmax(logits_adv, args), args.kl_reduction, eps=1e-5)
-    kl_nat = k * kl_div(p_teacher, log_softmax(logits_nat, args), args.kl_reduction, eps=1e-5)
+    kl_adv = k * kl_div(p_teacher, log_probs(logits_adv, args), args.kl_reduction, eps=1e-5)
+    kl_nat = k * kl_div(p_teacher, log_probs(logits_nat, args), args.kl_reduction, eps=1e-5)
     loss = args.alpha * kl_adv + (1 - args.alpha) * kl_nat  # RSLAD Eq. 3 outer, alpha = 5/6
     return loss, {"loss": loss, "kl_adv": kl_adv, "kl_nat": kl_nat}
 
 
 def loss_fn_ard(logits_adv, logits_nat, logits_teacher, args):
-    """--outer ard (D-RSLAD-5, RSLAD Table 6): ARD's loss, α = 1, τ = 30, elemmean; S(x) ran and weighs 0."""
+    """--outer ard (RSLAD Table 6): ARD's loss, α = 1, τ = 30, elemmean; S(x) ran and weighs 0."""
     tau = 30.0
     kl = tau * tau * kl_div(F.softmax(logits_teacher / tau, dim=1), F.log_softmax(logits_adv / tau, dim=1), "elemmean")
     return kl, {"loss": kl, "kl_adv": kl}
 
 
 def train_step(student, teacher, optimizer, x_nat, y, args):
-    """One batch: T(x) once, the inner maximisation, then the ledger S(x'), S(x) in train mode."""
-    # D-RSLAD-1 alternative: a half teacher runs outside bf16 autocast (its BatchNorm would get bf16 inputs)
+    """One batch as the scripts' train(): T(x) once, the attack, then the forward passes S(x'), S(x), in this order."""
+    # --teacher-dtype fp16: the half teacher runs outside bf16 autocast (its BatchNorm would get bf16 inputs)
     with torch.no_grad(), common.autocast(args.amp if args.teacher_dtype == "fp32" else "off", x_nat.device):
         x_t = x_nat.half() if args.teacher_dtype == "fp16" else x_nat
         # serves the attack and both loss terms; a copy, since a compiled teacher's output lives in CUDA-graph
         # memory that the attack's calls reuse (--compile-mode reduce-overhead)
         logits_teacher = teacher(x_t).float().clone()
-    x_adv = inner_max(common.local(student), x_nat, y, logits_teacher, args)
+    x_adv = inner_max(common.unwrap(student, keep_compiled=True), x_nat, y, logits_teacher, args)
     with common.autocast(args.amp, x_nat.device):  # two separate passes, each with its own batch statistics
         logits_adv = student(x_adv).float()
         logits_nat = student(x_nat).float()
@@ -187,6 +196,16 @@ def lr_at(epoch, args):
 
 
 # --------------------------------------------------------------------------------------
+# Monitor: the test-set attack that selects best.pt, student in eval(), at the epochs of --eval-every
+# --------------------------------------------------------------------------------------
+
+# D-RSLAD-4: the scripts' attack_pgd at epochs 20, 40, ..., 200 and every epoch from 215 (the defaults above)
+MONITORS = {
+    "pgd20-monitor": dict(eps=8 / 255, steps=20, step=0.003, start="uniform-clamp", loss="ce_mean", bn="eval"),
+}
+
+
+# --------------------------------------------------------------------------------------
 # main
 # --------------------------------------------------------------------------------------
 
@@ -194,22 +213,22 @@ def main(argv=None):
     args, _ = parse_args(argv)
     run = common.Run("rslad", args, args.arch)
     device = common.setup_device(args)
-    common.seed_everything(args.seed, args.deterministic)
+    common.seed_everything(args.seed)
     num_classes = common.DATASETS[args.dataset]
 
     default_teacher = "dm_wrn70_16" if args.dataset == "cifar100" else "wrn34_10"
-    teacher, _ = common.load_teacher(args, device, default_teacher)
+    teacher, teacher_info = common.load_teacher(args, device, default_teacher)
     if args.teacher_dtype == "fp16":
-        teacher = teacher.half()  # D-RSLAD-1 alternative: revisions before 9e7a108
+        teacher = teacher.half()  # RSLAD's CIFAR-100 script before 9e7a108
     train_data = common.train_loader(args, args.batch_size, device=device)
     test_data = common.test_loader(args, device=device)
     student = common.prepare_student(common.build_model(args.arch, num_classes), args, device)
     optimizer = common.sgd(student.parameters(), args.lr, args.momentum, args.wd)
-    cfg = common.monitor_config(args.monitor, args.dataset)
-    start = run.begin(student, optimizer)
-    if not run.resumed and args.teacher_dtype == "fp32":
-        common.measure_teacher(run, teacher, test_data, cfg)
-        if args.dataset == "cifar100":  # docs/rslad.md §4: both normalisations of WRN-70-16, D-RSLAD-3
+    attack = MONITORS[args.monitor]
+    start, best = run.begin(student, optimizer, monitor=attack, teachers={"teacher": teacher_info})
+    if not run.resumed and args.teacher_dtype == "fp32":  # a half teacher is not measured
+        common.measure_teacher(run, teacher, test_data, attack)
+        if args.dataset == "cifar100":  # docs/rslad.md §4: both normalisations of WRN-70-16
             common.measure_norms(run, teacher, test_data)
 
     for epoch in range(start, args.epochs + 1):
@@ -219,17 +238,21 @@ def main(argv=None):
         totals, n_seen = {}, 0
         with common.EpochTimer(device) as timer:
             for x_nat, y in run.batches(train_data, epoch):
+                common.broadcast_buffers(student)  # torchrun: rank 0's BatchNorm statistics, as nn.DataParallel
                 terms = train_step(student, teacher, optimizer, x_nat, y, args)
                 for k, v in terms.items():
                     totals[k] = totals.get(k, 0) + v.detach() * len(y)
                 n_seen += len(y)
         metrics = run.train_metrics(epoch, totals, n_seen, optimizer, student)
-        value = None
         if common.is_monitor_epoch(args, epoch):
-            m = common.monitor(student, test_data, cfg, tf32=args.monitor_tf32)
+            m = common.monitor(student, test_data, attack, tf32=args.monitor_tf32)
             metrics.update(test_clean=m["clean"], test_robust=m["robust"], monitor_seconds=round(m["seconds"], 2))
-            value = m["robust"]
-        run.end_epoch(epoch, metrics, student, optimizer, value=value, images=n_seen, seconds=timer.seconds)
+            if best["value"] is None or m["robust"] > best["value"]:  # strictly greater: a tie keeps the earlier epoch
+                best = {"epoch": epoch, "value": m["robust"]}
+        record = run.log_epoch(epoch, metrics, best, seconds=timer.seconds)
+        if best["epoch"] == epoch:  # best.pt before last.pt: a failed write never leaves last.pt ahead of best.pt
+            run.save_best(student, record, best)
+        run.save_last(student, optimizer, record, best)
 
 
 if __name__ == "__main__":

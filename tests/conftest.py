@@ -220,3 +220,77 @@ def check_resume_alone(script, argv, tmp_path, epochs=2, launcher=None):
     assert len(a["optimizer"]["state"]) > 0 and same(a["optimizer"], b["optimizer"])
     assert _timing_free(read_metrics(full_dir)) == _timing_free(read_metrics(part_dir))
     return full_dir, part_dir
+
+
+# ---------------------------------------------------------------------------------------------
+# Parsed arguments of a training script, as its tests need them
+# ---------------------------------------------------------------------------------------------
+
+# The flags each script refuses to parse without. The checkpoint paths are placeholders: parse_args
+# does not open them.
+REQUIRED_ARGV = {
+    "rslad": ["--teacher", "t.pt"],
+    "ard": ["--teacher", "t.pt"],
+    "ardir": ["--teacher", "t.pt"],
+    "iad": ["--teacher", "t.pt"],
+    "adt_aodt": [],
+    "mtard": ["--teacher", "a.pt", "--nat-teacher", "n.pt"],
+    "train_teacher": [],
+}
+
+# Flags required only by some values of another flag: script -> (flag, its default, {value: argv}).
+REQUIRED_ARGV_FOR = {
+    "iad": ("--variant", "iad1", {"iad2": ["--nat-teacher", "st.pt"], "akd2": ["--nat-teacher", "st.pt"]}),
+    "adt_aodt": ("--method", "adt", {"adt": ["--teacher", "t.pt"]}),
+}
+
+
+def args_for(module, *extra):
+    """`module.parse_args` of `extra` plus the flags the script requires (REQUIRED_ARGV, and REQUIRED_ARGV_FOR
+    given the value of e.g. --variant or --method in `extra`); returns the parsed namespace. Choices
+    such as --variant, --method or --recipe are ordinary flags in `extra`: args_for(iad, "--variant", "iad2")."""
+    name = module.__name__
+    argv = list(REQUIRED_ARGV[name])
+    if name in REQUIRED_ARGV_FOR:
+        flag, value, needs = REQUIRED_ARGV_FOR[name]
+        for i, word in enumerate(extra[:-1]):  # the last occurrence wins, as in argparse
+            if word == flag:
+                value = extra[i + 1]
+        argv += needs.get(value, [])
+    args, _ = module.parse_args([*argv, *extra])
+    return args
+
+
+# ---------------------------------------------------------------------------------------------
+# Numpy references and tiny models for step-parity tests
+# ---------------------------------------------------------------------------------------------
+
+def np_log_softmax(z):
+    z = z - z.max(1, keepdims=True)
+    return z - np.log(np.exp(z).sum(1, keepdims=True))
+
+
+def np_kl_terms(teacher, student, eps=0.0):
+    """Elementwise p (log(p + eps) - log q), float64, p = softmax(teacher), q = softmax(student)."""
+    p = np.exp(np_log_softmax(teacher))
+    return p * (np.log(p + eps) - np_log_softmax(student))
+
+
+def random_logits(b, c, seed, scale=3.0, dtype=torch.float64):
+    """Fixed logits, float64 by default: the loss functions are dtype-agnostic, so the formula checks
+    compare float64 with float64 and a 1e-6 tolerance is not eaten by float32 cancellation (τ² = 900)."""
+    g = torch.Generator().manual_seed(seed)
+    return (scale * torch.randn(b, c, generator=g, dtype=torch.float64)).to(dtype)
+
+
+def setup_models(seed=0):
+    """A train-mode cnn_small student, a frozen cnn_small teacher and a seeded batch of 16 CIFAR-shaped
+    images with labels: (student, teacher, x, y)."""
+    import common
+    torch.manual_seed(seed)
+    student = common.build_model("cnn_small").train()
+    teacher = common.freeze(common.build_model("cnn_small"))
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.rand(16, 3, 32, 32, generator=g)
+    y = torch.randint(0, 10, (16,), generator=g)
+    return student, teacher, x, y

@@ -24,7 +24,7 @@ TEACHERS = ("wrn34_10", "resnet18", "resnet56", "preact_resnet18")
 
 
 def main(data_dir, runs_dir, runs):
-    common.setup_device(argparse.Namespace(device="cpu", no_tf32=False))  # joins the process group once
+    common.setup_device(argparse.Namespace(device="cpu", no_tf32=False, deterministic=False))  # joins the process group once
     folder = Path(runs_dir) / "teachers"
     paths = {arch: str(folder / f"{arch}.pt") for arch in TEACHERS}
     if common.is_main():

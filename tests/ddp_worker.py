@@ -31,7 +31,7 @@ def main(out_path, data_dir, teacher_path, *flags):
     teacher, _ = common.load_teacher(args, device, "cnn_small")
     torch.manual_seed(0)  # the same initial weights on every rank
     student = common.prepare_student(common.build_model("cnn_small"), args, device)
-    result = {"world_size": world_size, "monitor": common.monitor(student, test_data, common.MONITORS["pgd20-monitor"])}
+    result = {"world_size": world_size, "monitor": common.monitor(student, test_data, rslad.MONITORS["pgd20-monitor"])}
     result["batches"] = [[gathered(x), gathered(y)] for x, y in train_data.epoch(1)]
     optimizer = torch.optim.SGD(student.parameters(), lr=0.05, momentum=0.9, weight_decay=2e-4)
     result["params"], result["buffers"] = [], []
@@ -39,7 +39,7 @@ def main(out_path, data_dir, teacher_path, *flags):
         rslad.train_step(student, teacher, optimizer, x_nat, y, args)
         flat = torch.cat([p.detach().flatten() for p in student.parameters()])
         result["params"].append(gathered(flat))
-        result["buffers"].append(gathered(torch.cat([b.float().flatten() for b in common.local(student).buffers()])))
+        result["buffers"].append(gathered(torch.cat([b.float().flatten() for b in common.unwrap(student, keep_compiled=True).buffers()])))
     if rank == 0:
         torch.save(result, out_path)
     dist.barrier()  # no rank leaves while rank 0 writes

@@ -13,13 +13,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 from conftest import (
     ROOT,
+    args_for,
     check_best_reloads,
     check_first_step,
     check_resume_alone,
+    np_log_softmax,
+    random_logits,
     read_metrics,
     run_script,
+    setup_models,
 )
-from test_rslad import np_log_softmax, random_logits, setup_models
 
 import adt_aodt
 import common
@@ -28,35 +31,29 @@ TINY = ["--arch", "cnn_small", "--train-subset", "64", "--test-subset", "32", "-
         "--attack-steps", "2", "--lr", "0.02", "--device", "cpu"]
 
 
-def args_for(*extra, method="adt"):
-    teacher = ["--teacher", "t.pt"] if method == "adt" else []
-    args, _ = adt_aodt.parse_args(["--method", method, *teacher, *extra])
-    return args
-
-
 # ---------------------------------------------------------------------------------------------
 # Defaults (docs/adt_aodt.md §3)
 # ---------------------------------------------------------------------------------------------
 
 def test_defaults():
-    a = args_for()
+    a = args_for(adt_aodt)
     assert (a.method, a.reg, a.reg_weight, a.aodt_loss, a.mse_reduction, a.arch) == ("adt", "none", 0.0, "l1", "mean", "wrn34_10")
     assert (a.peer_arch, a.peer_beta, a.detach_peer, a.temp, a.l3_beta) == (None, 1.0, False, 4.0, 0.1)
     assert (a.eps, a.attack_step, a.attack_steps, a.attack_bn, a.rand_start) == (0.031, 0.007, 10, "eval", "uniform")
     assert (a.epochs, a.batch_size, a.lr, a.momentum, a.wd, a.lr_milestones) == (100, 128, 0.1, 0.9, 2e-4, [74, 89])
     assert (a.monitor, a.eval_every, a.seed, a.report) == ("fgsm20-trades", 1, 1, "last")
-    assert args_for("--reg", "alp").reg_weight == 1.0 and args_for("--reg", "trades").reg_weight == 0.0
-    assert args_for("--reg", "trades").rand_start == "normal001"  # trades.py's start
-    peers = {(d, r): args_for("--dataset", d, "--reg", r, method="aodt").peer_arch
+    assert args_for(adt_aodt, "--reg", "alp").reg_weight == 1.0 and args_for(adt_aodt, "--reg", "trades").reg_weight == 0.0
+    assert args_for(adt_aodt, "--reg", "trades").rand_start == "normal001"  # trades.py's start
+    peers = {(d, r): args_for(adt_aodt, "--method", "aodt", "--dataset", d, "--reg", r).peer_arch
              for d in ("cifar10", "cifar100") for r in ("none", "alp", "trades")}
     assert peers == {("cifar10", "none"): "resnet18", ("cifar10", "alp"): "resnet18", ("cifar10", "trades"): "resnet152",
                      ("cifar100", "none"): "resnet152", ("cifar100", "alp"): "resnet18",
                      ("cifar100", "trades"): "resnet152"}  # D-ADT-6, the table captions
-    assert args_for("--peer-arch", "cnn_small", method="aodt").peer_arch == "cnn_small"
+    assert args_for(adt_aodt, "--method", "aodt", "--peer-arch", "cnn_small").peer_arch == "cnn_small"
 
 
 def test_lr_schedule_transitions_at_75_and_90():
-    a = args_for()
+    a = args_for(adt_aodt)
     got = [adt_aodt.lr_at(e, a) for e in (1, 74, 75, 89, 90, 100)]
     assert got == pytest.approx([0.1, 0.1, 0.01, 0.01, 1e-3, 1e-3])
 
@@ -98,10 +95,12 @@ CONFIGS = ([("adt", r, "l1") for r in ("none", "alp", "trades")] + [("aodt", r, 
 @pytest.mark.parametrize("method,reg,choice", CONFIGS)
 @pytest.mark.parametrize("num_classes,reduction,alpha", [(10, "mean", None), (100, "sum-classes", 6.0)])
 def test_loss_matches_formula(method, reg, choice, num_classes, reduction, alpha):
-    extra = ["--reg", reg, "--mse-reduction", reduction] + (["--aodt-loss", choice] if method == "aodt" else [])
+    extra = ["--reg", reg] + (["--aodt-loss", choice] if method == "aodt" else [])
+    if choice in ("l1", "l2") or reg == "alp":  # the configurations with an MSE term read --mse-reduction
+        extra += ["--mse-reduction", reduction]
     if alpha is not None and reg != "none":
         extra += ["--reg-weight", str(alpha)]
-    a = args_for(*extra, method=method)
+    a = args_for(adt_aodt, "--method", method, *extra)
     o_adv, o_nat, o_n = (random_logits(8, num_classes, seed) for seed in (1, 2, 3))
     y = torch.arange(8) * 7 % num_classes
     loss, terms = adt_aodt.loss_fn(o_adv, o_nat if reg != "none" else None, o_n, y, a)
@@ -112,7 +111,7 @@ def test_loss_matches_formula(method, reg, choice, num_classes, reduction, alpha
 
 
 def test_l3_keeps_the_literal_factor_and_its_flags():
-    a = args_for("--aodt-loss", "l3", "--temp", "2", "--l3-beta", "0.5", "--peer-beta", "0.3", method="aodt")
+    a = args_for(adt_aodt, "--method", "aodt", "--aodt-loss", "l3", "--temp", "2", "--l3-beta", "0.5", "--peer-beta", "0.3")
     o_adv, o_n = random_logits(6, 10, 4), random_logits(6, 10, 5)
     y = torch.arange(6)
     loss, terms = adt_aodt.loss_fn(o_adv, None, o_n, y, a)
@@ -131,7 +130,7 @@ def grads(loss, *tensors):
 
 
 def test_adt_gives_the_teacher_no_gradient():
-    a = args_for()
+    a = args_for(adt_aodt)
     o_adv, o_n = random_logits(8, 10, 1).requires_grad_(True), random_logits(8, 10, 2).requires_grad_(True)
     loss, _ = adt_aodt.loss_fn(o_adv, None, o_n, torch.arange(8), a)
     g_adv, g_n = grads(loss, o_adv, o_n)
@@ -141,7 +140,7 @@ def test_adt_gives_the_teacher_no_gradient():
 
 @pytest.mark.parametrize("detach", [False, True])
 def test_aodt_peer_gradient_from_the_mse_unless_detached(detach):
-    a = args_for(*(["--detach-peer"] if detach else []), method="aodt")
+    a = args_for(adt_aodt, "--method", "aodt", *(["--detach-peer"] if detach else []))
     o_adv, o_n = random_logits(8, 10, 1).requires_grad_(True), random_logits(8, 10, 2).requires_grad_(True)
     y = torch.arange(8)
     loss, _ = adt_aodt.loss_fn(o_adv, None, o_n, y, a)
@@ -154,7 +153,7 @@ def test_aodt_peer_gradient_from_the_mse_unless_detached(detach):
 
 @pytest.mark.parametrize("method", ["adt", "aodt"])
 def test_alp_gradient_reaches_both_branches(method):
-    a = args_for("--reg", "alp", "--reg-weight", "0.7", method=method)
+    a = args_for(adt_aodt, "--method", method, "--reg", "alp", "--reg-weight", "0.7")
     o_adv, o_nat, o_n = (random_logits(8, 10, s).requires_grad_(True) for s in (1, 2, 3))
     loss, _ = adt_aodt.loss_fn(o_adv, o_nat, o_n, torch.arange(8), a)
     g_adv, g_nat = grads(loss, o_adv, o_nat)
@@ -164,7 +163,7 @@ def test_alp_gradient_reaches_both_branches(method):
 
 
 def test_trades_kl_target_is_not_detached():
-    a = args_for("--reg", "trades", "--reg-weight", "6")
+    a = args_for(adt_aodt, "--reg", "trades", "--reg-weight", "6")
     o_adv, o_nat, o_n = (random_logits(8, 10, s).requires_grad_(True) for s in (1, 2, 3))
     loss, _ = adt_aodt.loss_fn(o_adv, o_nat, o_n, torch.arange(8), a)
     g_nat, = grads(loss, o_nat)
@@ -180,7 +179,7 @@ def test_trades_kl_target_is_not_detached():
 
 @pytest.mark.parametrize("reg", ["none", "trades"])
 def test_attack_ball_box_objective_eval_bn_and_start(reg):
-    a = args_for("--reg", reg, "--attack-steps", "5")
+    a = args_for(adt_aodt, "--reg", reg, "--attack-steps", "5")
     student, _, x, y = setup_models()
     x[:, :, :4] = 0.0  # dark rows: the uniform start leaves [0,1] there
     first, before = [], [b.clone() for b in student.buffers()]
@@ -205,7 +204,7 @@ def test_attack_ball_box_objective_eval_bn_and_start(reg):
 
 
 def test_trades_attack_in_train_mode_recomputes_the_clean_pass():
-    a = args_for("--reg", "trades", "--attack-steps", "3", "--attack-bn", "train")
+    a = args_for(adt_aodt, "--reg", "trades", "--attack-steps", "3", "--attack-bn", "train")
     student, _, x, y = setup_models()
     seen = []
     student.register_forward_pre_hook(lambda m, inp: seen.append((m.training, torch.equal(inp[0], x))))
@@ -234,7 +233,7 @@ def ledger_models(method, seed=0):
 @pytest.mark.parametrize("method", ["adt", "aodt"])
 @pytest.mark.parametrize("reg", ["none", "alp", "trades"])
 def test_forward_ledger(method, reg):
-    a = args_for("--reg", reg, method=method)
+    a = args_for(adt_aodt, "--method", method, "--reg", reg)
     student, m_n, named, x, y = ledger_models(method)
     seen = []
     for name, model in named.items():
@@ -260,10 +259,10 @@ def test_ensemble_teacher_is_the_mean_of_its_members(tmp_path):
         model = common.build_model("cnn_small")
         paths.append(tmp_path / f"t{seed}.pt")
         common.save_checkpoint(paths[-1], common.checkpoint_dict(model, kind="best", epoch=1, dataset="cifar10", args={}))
-    a = args_for("--teacher", f"cnn_small:{paths[0]}", "--teacher", str(paths[1]))
+    a = args_for(adt_aodt, "--teacher", f"cnn_small:{paths[0]}", "--teacher", str(paths[1]))
     a.teacher = a.teacher[1:]  # args_for's placeholder member
-    ensemble, members = adt_aodt.load_teachers(a, "cpu")
-    assert a.teacher_arch == ["cnn_small", "cnn_small"] and a.teacher_sha256 == [common.file_sha256(p) for p in paths]
+    ensemble, members, info = adt_aodt.load_teachers(a, "cpu")
+    assert info["arch"] == ["cnn_small", "cnn_small"] and info["sha256"] == [common.file_sha256(p) for p in paths]
     x = torch.rand(5, 3, 32, 32)
     with torch.no_grad():
         z0, z1 = (common.load_model(p)[0](x) for p in paths)
@@ -294,7 +293,7 @@ def ref_attack(model, x, y, steps, eps, step, trades):
 
 
 def test_one_step_adt_alp_with_an_ensemble():
-    a = args_for("--reg", "alp", "--attack-steps", "3")
+    a = args_for(adt_aodt, "--reg", "alp", "--attack-steps", "3")
     student, m_n, named, x, y = ledger_models("adt")
     ref = copy.deepcopy(student)
     opt = torch.optim.SGD(student.parameters(), lr=a.lr, momentum=0.9, weight_decay=a.wd)
@@ -312,8 +311,8 @@ def test_one_step_adt_alp_with_an_ensemble():
 
 @pytest.mark.parametrize("reg,choice", [("trades", "l1"), ("none", "l3")])
 def test_one_step_aodt_updates_both_models(reg, choice):
-    a = args_for("--reg", reg, "--reg-weight", "6" if reg == "trades" else "0", "--aodt-loss", choice,
-                 "--attack-steps", "3", method="aodt")
+    a = args_for(adt_aodt, "--method", "aodt", "--reg", reg, *(["--reg-weight", "6"] if reg == "trades" else []),
+                 "--aodt-loss", choice, "--attack-steps", "3")
     student, peer, _, x, y = ledger_models("aodt")
     pair = nn.ModuleList([student, peer])
     ref = copy.deepcopy(pair)
@@ -414,15 +413,15 @@ def test_adt_resume_refuses_another_teacher_file(cifar_dir, teacher_ckpt, tmp_pa
 
 @pytest.mark.parametrize("argv,match", [
     (["--method", "adt"], "needs --teacher"),
-    (["--method", "aodt", "--teacher", "t.pt"], "--teacher is for --method adt"),
-    (["--method", "adt", "--teacher", "t.pt", "--aodt-loss", "l3"], "--aodt-loss l3 applies to --method aodt"),
-    (["--method", "adt", "--teacher", "t.pt", "--detach-peer"], "--detach-peer applies"),
-    (["--method", "adt", "--teacher", "t.pt", "--peer-arch", "resnet18"], "--peer-arch applies"),
-    (["--method", "aodt", "--reg-weight", "1"], "--reg none has none"),
+    (["--method", "aodt", "--teacher", "t.pt"], "--teacher is read by --method adt only"),
+    (["--method", "adt", "--teacher", "t.pt", "--aodt-loss", "l3"], "--aodt-loss is read by --method aodt only"),
+    (["--method", "adt", "--teacher", "t.pt", "--detach-peer"], "--detach-peer is read by --method aodt only"),
+    (["--method", "adt", "--teacher", "t.pt", "--peer-arch", "resnet18"], "--peer-arch is read by --method aodt only"),
+    (["--method", "aodt", "--reg-weight", "1"], "--reg-weight is read by --reg alp and trades only"),
     (["--method", "aodt", "--reg", "alp", "--reg-weight", "-1"], "--reg-weight must be a number >= 0"),
-    (["--method", "aodt", "--l3-beta", "1.5"], "--l3-beta must be in [0, 1]"),
+    (["--method", "aodt", "--aodt-loss", "l3", "--l3-beta", "1.5"], "--l3-beta must be in [0, 1]"),
     (["--method", "aodt", "--peer-beta", "-0.1"], "--peer-beta must be"),
-    (["--method", "aodt", "--temp", "0"], "--temp must be a positive number"),
+    (["--method", "aodt", "--aodt-loss", "l3", "--temp", "0"], "--temp must be a positive number"),
     (["--method", "aodt", "--eps", "2"], "--eps must be in [0, 1]"),
     (["--method", "aodt", "--aodt-loss", "l5"], "invalid choice"),
 ])
@@ -432,6 +431,38 @@ def test_bad_values_are_one_line(argv, match, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and match in err[0], err
+
+
+# Each flag that a configuration does not read, typed in that configuration (the flag's value is valid)
+UNUSED = [
+    *[(["--method", "adt", "--teacher", "t.pt", flag, *value], flag) for flag, value in (
+        ("--peer-arch", ["resnet18"]), ("--peer-beta", ["1"]), ("--detach-peer", []), ("--aodt-loss", ["l1"]),
+        ("--temp", ["4"]), ("--l3-beta", ["0.1"]))],
+    (["--method", "aodt", "--teacher", "t.pt"], "--teacher"),
+    (["--method", "aodt", "--unsafe-load"], "--unsafe-load"),
+    (["--method", "aodt", "--override-record"], "--override-record"),
+    (["--method", "aodt", "--aodt-loss", "l2", "--temp", "4"], "--temp"),
+    (["--method", "aodt", "--aodt-loss", "l4", "--l3-beta", "0.1"], "--l3-beta"),
+    (["--method", "aodt", "--aodt-loss", "l3", "--mse-reduction", "mean"], "--mse-reduction"),
+    (["--method", "aodt", "--aodt-loss", "l4", "--reg", "trades", "--mse-reduction", "mean"], "--mse-reduction"),
+    (["--method", "adt", "--teacher", "t.pt", "--reg-weight", "0"], "--reg-weight"),
+    (["--method", "aodt", "--reg", "none", "--reg-weight", "0"], "--reg-weight"),
+]
+
+
+@pytest.mark.parametrize("argv,flag", UNUSED, ids=[" ".join(argv) for argv, _ in UNUSED])
+def test_unread_flags_are_refused(argv, flag, capsys):
+    with pytest.raises(SystemExit) as e:
+        adt_aodt.parse_args(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and err[0].startswith(f"error: {flag} is read by "), err
+
+
+def test_read_flags_are_accepted():
+    args_for(adt_aodt, "--method", "aodt", "--aodt-loss", "l3", "--temp", "2", "--l3-beta", "0.2", "--reg", "alp",
+             "--mse-reduction", "sum-classes", "--reg-weight", "2", "--peer-beta", "0.5", "--detach-peer")
+    args_for(adt_aodt, "--method", "adt", "--reg", "trades", "--reg-weight", "6", "--mse-reduction", "sum-classes",
+             "--unsafe-load", "--override-record")
 
 
 def test_missing_teacher_file_is_one_line(cifar_dir, tmp_path, capsys):

@@ -10,24 +10,23 @@ import torch
 import torch.nn.functional as F
 from conftest import (
     ROOT,
+    args_for,
     check_best_reloads,
     check_first_step,
+    np_kl_terms,
+    np_log_softmax,
+    random_logits,
     read_metrics,
     run_script,
+    setup_models,
 )
-from test_rslad import np_kl_terms, np_log_softmax, random_logits, setup_models
 
 import ard
 import common
 
 
-def args_for(*extra):
-    args, _ = ard.parse_args(["--teacher", "t.pt", *extra])
-    return args
-
-
 def test_defaults():
-    a = args_for()
+    a = args_for(ard)
     assert (a.arch, a.alpha, a.temp, a.kl_reduction, a.ce_input) == ("mobilenet_v2", 1.0, 30.0, "elemmean", "clean")
     assert (a.epochs, a.batch_size, a.lr, a.momentum, a.wd, a.lr_schedule) == (200, 128, 0.1, 0.9, 2e-4, "code")
     assert (a.eps, a.attack_step, a.attack_steps, a.attack_bn, a.rand_start) == (8 / 255, 2 / 255, 10, "train", "uniform")
@@ -35,13 +34,13 @@ def test_defaults():
     a.device = "cpu"
     common.setup_device(a)  # the monitor's batch is sized for the device: ARD's test loader's 100 on the CPU
     assert a.test_batch_size == 100
-    assert args_for("--dataset", "cifar100").batch_size == 256  # main.py's CIFAR-100 loader
-    assert args_for("--dataset", "cifar100", "--batch-size", "64").batch_size == 64
+    assert args_for(ard, "--dataset", "cifar100").batch_size == 256  # main.py's CIFAR-100 loader
+    assert args_for(ard, "--dataset", "cifar100", "--batch-size", "64").batch_size == 64
 
 
 def test_lr_schedules():
-    code, paper = args_for(), args_for("--lr-schedule", "paper")
-    ard300 = args_for("--lr-milestones", "215", "260", "285", "--epochs", "300")
+    code, paper = args_for(ard), args_for(ard, "--lr-schedule", "paper")
+    ard300 = args_for(ard, "--lr-milestones", "215", "260", "285", "--epochs", "300")
     epochs = (1, 100, 101, 150, 151, 200)
     assert [ard.lr_at(e, code) for e in epochs] == pytest.approx([0.1, 0.1, 0.01, 0.01, 0.01, 0.01])  # one decay
     assert [ard.lr_at(e, paper) for e in epochs] == pytest.approx([0.1, 0.1, 0.01, 0.01, 1e-3, 1e-3])
@@ -52,7 +51,7 @@ def test_lr_schedules():
                                                    (0.9, 2.0, "batchmean"), (0.5, 1.0, "sum")])
 @pytest.mark.parametrize("num_classes", [10, 100])
 def test_loss_matches_formula(alpha, temp, reduction, num_classes):
-    a = args_for("--alpha", str(alpha), "--temp", str(temp), "--kl-reduction", reduction)
+    a = args_for(ard, "--alpha", str(alpha), "--temp", str(temp), "--kl-reduction", reduction)
     s_adv, s_nat, t = (random_logits(8, num_classes, seed) for seed in (1, 2, 3))
     y = torch.arange(8) % num_classes
     loss, terms = ard.loss_fn(s_adv, s_nat, t, y, a)
@@ -66,7 +65,7 @@ def test_loss_matches_formula(alpha, temp, reduction, num_classes):
 
 
 def test_inner_max_train_mode_unclamped_start_raises_ce():
-    a = args_for("--attack-steps", "5")
+    a = args_for(ard, "--attack-steps", "5")
     student, _, x, y = setup_models()
     x[:, :, :4] = 0.0  # dark rows: a uniform start must leave [0,1] there
     first = []
@@ -80,14 +79,14 @@ def test_inner_max_train_mode_unclamped_start_raises_ce():
     probe = copy.deepcopy(student)
     with torch.no_grad():
         assert F.cross_entropy(probe(x_adv), y, reduction="sum") > F.cross_entropy(probe(x), y, reduction="sum") + 1e-3
-    b = args_for("--attack-steps", "3", "--attack-bn", "eval")
+    b = args_for(ard, "--attack-steps", "3", "--attack-bn", "eval")
     before = [t.clone() for t in student.buffers()]
     ard.inner_max(student, x, y, b)
     assert all(torch.equal(u, v) for u, v in zip(before, student.buffers()))
 
 
 def test_ledger_keeps_the_clean_pass_at_alpha_1():
-    a = args_for()
+    a = args_for(ard)
     student, teacher, x, y = setup_models()
     seen = []
     student.register_forward_pre_hook(lambda m, inp: seen.append((m.training, torch.equal(inp[0], x))))
@@ -97,7 +96,7 @@ def test_ledger_keeps_the_clean_pass_at_alpha_1():
 
 
 def test_one_step_equals_independent_computation():
-    a = args_for("--attack-steps", "3", "--alpha", "0.8", "--temp", "5")
+    a = args_for(ard, "--attack-steps", "3", "--alpha", "0.8", "--temp", "5")
     student, teacher, x, y = setup_models()
     ref = copy.deepcopy(student)
     opt = torch.optim.SGD(student.parameters(), lr=a.lr, momentum=0.9, weight_decay=a.wd)
@@ -142,3 +141,11 @@ def test_teacher_is_required(capsys):
         ard.parse_args([])
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error: ") and "--teacher" in err[0]
+
+
+def test_lr_schedule_with_lr_milestones_is_refused(capsys):
+    assert args_for(ard, "--lr-schedule", "paper").lr_schedule == "paper"  # read without milestones
+    with pytest.raises(SystemExit) as e:
+        args_for(ard, "--lr-milestones", "215", "260", "285", "--lr-schedule", "paper")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and err == ["error: --lr-schedule is replaced by --lr-milestones"]

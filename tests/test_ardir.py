@@ -12,13 +12,17 @@ import torch
 import torch.nn.functional as F
 from conftest import (
     ROOT,
+    args_for,
     check_best_reloads,
     check_first_step,
     check_resume_alone,
+    np_kl_terms,
+    np_log_softmax,
+    random_logits,
     read_metrics,
     run_script,
+    setup_models,
 )
-from test_rslad import np_kl_terms, np_log_softmax, random_logits, setup_models
 
 import ard
 import ardir
@@ -28,11 +32,6 @@ CNN = ["--arch", "cnn_small", "--ir-layers", "layer1,layer2,layer3"]
 TINY = [*CNN, "--train-subset", "64", "--test-subset", "32", "--batch-size", "32", "--attack-steps", "2",
         "--lr", "0.02", "--device", "cpu"]
 PREACT_SHAPES = [(64, 32, 32), (128, 16, 16), (256, 8, 8), (512, 4, 4)]  # PreActResNet-18 layer1..layer4
-
-
-def args_for(*extra):
-    args, _ = ardir.parse_args(["--teacher", "t.pt", *extra])
-    return args
 
 
 def feature_maps(shapes, b, seed, relu=False):
@@ -63,7 +62,7 @@ def np_ir(feats_s, feats_t, norm="channel", sqrt=True):
 # ---------------------------------------------------------------------------------------------
 
 def test_defaults_per_combination_and_data_set():
-    a = args_for()
+    a = args_for(ardir)
     assert (a.arch, a.combo, a.beta, a.temp, a.t2, a.kl_reduction, a.label_correction) == \
         ("preact_resnet18", "RC", 0.6, 1.0, True, "batchmean", True)
     assert (a.ir_layers, a.ir_norm, a.ir_sqrt, a.clean_forward) == \
@@ -72,20 +71,20 @@ def test_defaults_per_combination_and_data_set():
         (200, 128, 0.1, 0.9, 5e-4, "paper", None)
     assert (a.eps, a.attack_step, a.attack_steps, a.attack_bn, a.rand_start) == (8 / 255, 2 / 255, 10, "train", "uniform")
     assert (a.monitor, a.eval_every, a.seed) == ("pgd20-sat", 1, 0)
-    betas = {(d, c): args_for("--dataset", d, "--combo", c).beta for d in ("cifar10", "svhn", "cifar100")
+    betas = {(d, c): args_for(ardir, "--dataset", d, "--combo", c).beta for d in ("cifar10", "svhn", "cifar100")
              for c in ("RC", "CC", "RA")}
     assert betas == {("cifar10", "RC"): 0.6, ("cifar10", "CC"): 0.4, ("cifar10", "RA"): 0.1,  # Table 2
                      ("svhn", "RC"): 0.8, ("svhn", "CC"): 0.2, ("svhn", "RA"): 0.2,  # Table 3
                      ("cifar100", "RC"): 0.6, ("cifar100", "CC"): 0.4, ("cifar100", "RA"): 0.1}
-    svhn = args_for("--dataset", "svhn")
-    assert svhn.attack_step == 1 / 255 and common.monitor_config(svhn.monitor, "svhn")["step"] == 1 / 255
-    assert args_for("--combo", "RA", "--beta", "0").beta == 0.0  # the ARD baseline
-    assert args_for("--dataset", "svhn", "--attack-step", "2/255").attack_step == 2 / 255
+    svhn = args_for(ardir, "--dataset", "svhn")
+    assert svhn.attack_step == 1 / 255  # the monitor's step on SVHN: test_svhn_and_cifar100_runs
+    assert args_for(ardir, "--combo", "RA", "--beta", "0").beta == 0.0  # the ARD baseline
+    assert args_for(ardir, "--dataset", "svhn", "--attack-step", "2/255").attack_step == 2 / 255
 
 
 def test_lr_schedules():
-    paper, code = args_for(), args_for("--lr-schedule", "iad-code")
-    short = args_for("--lr-milestones", "20", "25", "--epochs", "30")
+    paper, code = args_for(ardir), args_for(ardir, "--lr-schedule", "iad-code")
+    short = args_for(ardir, "--lr-milestones", "20", "25", "--epochs", "30")
     epochs = (1, 99, 100, 101, 149, 150, 200)
     assert [ardir.lr_at(e, paper) for e in epochs] == pytest.approx([0.1, 0.1, 0.01, 0.01, 0.01, 1e-3, 1e-3])
     assert [ardir.lr_at(e, code) for e in epochs] == pytest.approx([0.1, 0.1, 0.1, 0.01, 0.01, 0.01, 0.01])
@@ -99,7 +98,7 @@ def test_lr_schedules():
 @pytest.mark.parametrize("norm", ["channel", "spatial-sum"])
 @pytest.mark.parametrize("sqrt", [True, False])
 def test_ir_distance_matches_float64_formula(norm, sqrt):
-    a = args_for("--ir-norm", norm, *([] if sqrt else ["--no-ir-sqrt"]))
+    a = args_for(ardir, "--ir-norm", norm, *([] if sqrt else ["--no-ir-sqrt"]))
     fs, ft = feature_maps(PREACT_SHAPES, 3, 1), feature_maps(PREACT_SHAPES, 3, 2)
     got = ardir.ir_distance(fs, ft, a)
     want = np_ir(fs, ft, norm, sqrt)
@@ -110,7 +109,7 @@ def test_ir_distance_matches_float64_formula(norm, sqrt):
 
 
 def test_ir_epsilons_are_where_the_spec_puts_them():
-    a, b = args_for(), args_for("--no-ir-sqrt")
+    a, b = args_for(ardir), args_for(ardir, "--no-ir-sqrt")
     zero = [torch.zeros(2, 4, 3, 3, dtype=torch.float64)]
     assert torch.allclose(ardir.ir_distance(zero, zero, a), torch.full((2,), 1e-6, dtype=torch.float64), rtol=1e-12)
     tiny = [torch.full((1, 4, 2, 2), 1e-10, dtype=torch.float64)]  # ‖φ‖ = 2e-10: û = φ / (2e-10 + 1e-10) = 1/3
@@ -119,7 +118,7 @@ def test_ir_epsilons_are_where_the_spec_puts_them():
 
 
 def test_ir_invariant_to_positive_per_position_scaling():
-    a = args_for()
+    a = args_for(ardir)
     fs = feature_maps(PREACT_SHAPES, 2, 3)
     ft = [f + 0.3 * n for f, n in zip(fs, feature_maps(PREACT_SHAPES, 2, 4))]  # near the student: a small IR
     g = torch.Generator().manual_seed(5)
@@ -129,7 +128,7 @@ def test_ir_invariant_to_positive_per_position_scaling():
     assert torch.allclose(ardir.ir_distance(per_position, ft, a), base, rtol=1e-8, atol=0)
     assert not torch.allclose(ardir.ir_distance(per_channel, ft, a), base, rtol=1e-3)  # not trivially invariant
     # the literal Eq. 10 normalises per channel instead: invariant to the other scaling
-    b = args_for("--ir-norm", "spatial-sum")
+    b = args_for(ardir, "--ir-norm", "spatial-sum")
     rs, rt = [f.clamp(min=0) for f in fs], [f.clamp(min=0) for f in ft]
     scaled = [f * torch.exp(torch.randn(1, f.shape[1], 1, 1, generator=g, dtype=f.dtype)) for f in rs]
     assert torch.allclose(ardir.ir_distance(scaled, rt, b), ardir.ir_distance(rs, rt, b), rtol=1e-8, atol=0)
@@ -139,7 +138,7 @@ def test_ir_invariant_to_positive_per_position_scaling():
 
 @pytest.mark.parametrize("norm", ["channel", "spatial-sum"])
 def test_ir_gradient_finite_at_student_equal_teacher_and_at_zero_positions(norm):
-    a = args_for("--ir-norm", norm)
+    a = args_for(ardir, "--ir-norm", norm)
     ft = feature_maps(PREACT_SHAPES, 2, 6)
     fs = [f.clone().requires_grad_(True) for f in ft]
     grads = torch.autograd.grad(ardir.ir_distance(fs, ft, a).mean(), fs)
@@ -168,8 +167,8 @@ def corrected_case(num_classes=10):
 def test_label_correction_per_sample(temp):
     s, t, y = corrected_case()
     feats = feature_maps([(4, 2, 2)], 8, 9)
-    on = args_for("--beta", "0", "--temp", str(temp))
-    off = args_for("--beta", "0", "--temp", str(temp), "--no-label-correction")
+    on = args_for(ardir, "--beta", "0", "--temp", str(temp))
+    off = args_for(ardir, "--beta", "0", "--temp", str(temp), "--no-label-correction")
     ls = np_log_softmax(s.numpy() / temp)
     kl_soft = np_kl_terms(t.numpy() / temp, s.numpy() / temp).sum(1)
     for i in range(8):
@@ -189,7 +188,7 @@ def test_label_correction_per_sample(temp):
 @pytest.mark.parametrize("beta,temp,reduction,t2", [(0.6, 1.0, "batchmean", True), (0.1, 4.0, "batchmean", True),
                                                     (0.4, 4.0, "elemmean", False), (1.0, 2.0, "sum", True)])
 def test_loss_matches_eq12(beta, temp, reduction, t2):
-    a = args_for("--beta", str(beta), "--temp", str(temp), "--kl-reduction", reduction, *([] if t2 else ["--no-t2"]))
+    a = args_for(ardir, "--beta", str(beta), "--temp", str(temp), "--kl-reduction", reduction, *([] if t2 else ["--no-t2"]))
     s, t, y = corrected_case()
     shapes = [(8, 8, 8), (16, 4, 4), (32, 2, 2)]
     fs, ft = feature_maps(shapes, 8, 11), feature_maps(shapes, 8, 12)
@@ -206,7 +205,7 @@ def test_loss_matches_eq12(beta, temp, reduction, t2):
 
 @pytest.mark.parametrize("num_classes", [10, 100])
 def test_beta_0_t30_uncorrected_elemmean_is_ards_loss(num_classes):
-    a = args_for("--beta", "0", "--temp", "30", "--no-label-correction", "--kl-reduction", "elemmean")
+    a = args_for(ardir, "--beta", "0", "--temp", "30", "--no-label-correction", "--kl-reduction", "elemmean")
     ard_args, _ = ard.parse_args(["--teacher", "t.pt"])  # alpha 1, tau 30, elemmean: its CE weighs 0
     s_adv, s_nat, t = (random_logits(8, num_classes, seed) for seed in (1, 2, 3))
     y = torch.arange(8) % num_classes
@@ -221,11 +220,11 @@ def test_beta_0_t30_uncorrected_elemmean_is_ards_loss(num_classes):
 
 
 # ---------------------------------------------------------------------------------------------
-# Attacks, inputs per combination, the forward ledger
+# Attacks, inputs per combination, the forward passes
 # ---------------------------------------------------------------------------------------------
 
 def test_student_attack_train_mode_unclamped_start_raises_ce():
-    a = args_for("--attack-steps", "5")
+    a = args_for(ardir, "--attack-steps", "5")
     student, _, x, y = setup_models()
     x[:, :, :4] = 0.0
     first = []
@@ -239,14 +238,14 @@ def test_student_attack_train_mode_unclamped_start_raises_ce():
     probe = copy.deepcopy(student).eval()
     with torch.no_grad():
         assert F.cross_entropy(probe(x_adv), y, reduction="sum") > F.cross_entropy(probe(x), y, reduction="sum") + 1e-3
-    b = args_for("--attack-steps", "3", "--attack-bn", "eval")
+    b = args_for(ardir, "--attack-steps", "3", "--attack-bn", "eval")
     before = [t.clone() for t in student.buffers()]
     ardir.inner_max(student, x, y, b)
     assert student.training and all(torch.equal(u, v) for u, v in zip(before, student.buffers()))
 
 
 def test_teacher_attack_eval_mode_raises_teachers_ce():
-    a = args_for("--combo", "RA", "--attack-steps", "5")
+    a = args_for(ardir, "--combo", "RA", "--attack-steps", "5")
     _, teacher, x, y = setup_models()
     before = [b.clone() for b in teacher.buffers()]
     x_dot = ardir.teacher_inner_max(teacher, x, y, a)
@@ -267,8 +266,8 @@ def cnn_stages(model, x):
 
 @pytest.mark.parametrize("combo,extra", [("RC", []), ("CC", []), ("RA", []), ("RC", ["--no-clean-forward"]),
                                          ("RC", ["--attack-bn", "eval"])])
-def test_inputs_per_combination_and_ledger(combo, extra, monkeypatch):
-    a = args_for("--combo", combo, *CNN, "--attack-steps", "3", *extra)
+def test_inputs_per_combination_and_forward_passes(combo, extra, monkeypatch):
+    a = args_for(ardir, "--combo", combo, *CNN, "--attack-steps", "3", *extra)
     student, teacher, x, y = setup_models()
     s_seen, t_seen, captured = [], [], {}
     student.register_forward_pre_hook(lambda m, inp: s_seen.append((m.training, torch.is_grad_enabled(), inp[0].detach())))
@@ -317,7 +316,7 @@ def test_inputs_per_combination_and_ledger(combo, extra, monkeypatch):
 
 
 def test_amp_bf16_keeps_iterates_and_terms_fp32():
-    a = args_for(*CNN, "--attack-steps", "2", "--amp", "bf16", "--combo", "RA")
+    a = args_for(ardir, *CNN, "--attack-steps", "2", "--amp", "bf16", "--combo", "RA")
     student, teacher, x, y = setup_models()
     assert ardir.inner_max(student, x, y, a).dtype == torch.float32
     assert ardir.teacher_inner_max(teacher, x, y, a).dtype == torch.float32
@@ -331,7 +330,7 @@ def test_amp_bf16_keeps_iterates_and_terms_fp32():
 
 @pytest.mark.parametrize("combo", ["RC", "RA"])
 def test_one_step_equals_independent_computation(combo):
-    a = args_for("--combo", combo, *CNN, "--attack-steps", "2", "--beta", "0.6", "--temp", "2")
+    a = args_for(ardir, "--combo", combo, *CNN, "--attack-steps", "2", "--beta", "0.6", "--temp", "2")
     student, teacher, x, y = setup_models()
     ref = copy.deepcopy(student)
     opt = torch.optim.SGD(student.parameters(), lr=a.lr, momentum=0.9, weight_decay=a.wd)
@@ -404,6 +403,7 @@ def test_svhn_and_cifar100_runs(dataset, svhn_dir, cifar100_dir, tmp_path):
     (run,) = (tmp_path / "runs").iterdir()
     saved = json.loads((run / "args.json").read_text())
     assert (saved["beta"], saved["attack_step"]) == ((0.8, 1 / 255) if dataset == "svhn" else (0.6, 2 / 255))
+    assert saved["monitor_attack"]["step"] == saved["attack_step"]  # pgd20-sat: the training step a, 1/255 on SVHN
     assert torch.load(run / "best.pt", weights_only=True)["num_classes"] == num_classes
     assert read_metrics(run)[-1]["epoch"] == 1
 
@@ -431,6 +431,18 @@ def test_bad_values_refused(flags, needle, capsys):
     with pytest.raises(SystemExit) as e:
         ardir.parse_args(["--teacher", "t.pt", *flags])
     assert needle in one_line(capsys, e)
+
+
+@pytest.mark.parametrize("config,flags", [(["--beta", "0"], ["--ir-norm", "spatial-sum"]),
+                                         (["--beta", "0"], ["--no-ir-sqrt"]),
+                                         (["--beta", "0"], ["--ir-sqrt"]),
+                                         (["--lr-milestones", "20", "25"], ["--lr-schedule", "iad-code"])])
+def test_flags_the_configuration_does_not_read_are_refused(config, flags, capsys):
+    args_for(ardir, *flags)  # read by the default configuration
+    with pytest.raises(SystemExit) as e:
+        args_for(ardir, *flags, *config)
+    line = one_line(capsys, e)
+    assert line.startswith("error: " + flags[0].replace("--no-", "--") + " ") and config[0] in line
 
 
 @pytest.mark.parametrize("flags,needles", [

@@ -56,7 +56,7 @@ def test_each_rank_takes_its_slice_of_the_same_global_batch(workers, cifar_dir, 
 
 def test_monitor_under_two_ranks_equals_one_exactly(workers, cifar_dir, teacher_ckpt):
     _, _, test_data, _, student = single_process(cifar_dir, teacher_ckpt)
-    one = common.monitor(student, test_data, common.MONITORS["pgd20-monitor"])
+    one = common.monitor(student, test_data, rslad.MONITORS["pgd20-monitor"])
     assert workers["per-rank"]["world_size"] == 2
     drop = lambda m: {k: v for k, v in m.items() if k != "seconds"}  # noqa: E731
     assert drop(workers["per-rank"]["monitor"]) == drop(one) == drop(workers["sync"]["monitor"])

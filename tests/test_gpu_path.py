@@ -31,9 +31,9 @@ DEFAULT_RUNS = [  # (run name, script, flags): the student (and peer) architectu
     ("rslad", "rslad", ["--teacher", "{wrn34_10}", "--attack-steps", "1"]),
     ("ard", "ard", ["--teacher", "{wrn34_10}", "--attack-steps", "1"]),
     ("iad1", "iad", ["--teacher", "{resnet18}", "--attack-steps", "1", "--begin", "0"]),
-    ("iad2", "iad", ["--variant", "iad2", "--teacher", "{resnet18}", "--teacher-st", "{resnet18}", "--attack-steps", "1",
+    ("iad2", "iad", ["--variant", "iad2", "--teacher", "{resnet18}", "--nat-teacher", "{resnet18}", "--attack-steps", "1",
                      "--begin", "0"]),
-    ("mtard", "mtard", ["--adv-teacher", "{wrn34_10}", "--nat-teacher", "{resnet56}", "--attack-steps", "1"]),
+    ("mtard", "mtard", ["--teacher", "{wrn34_10}", "--nat-teacher", "{resnet56}", "--attack-steps", "1"]),
     ("ardir", "ardir", ["--teacher", "{preact_resnet18}", "--attack-steps", "1"]),
     ("adt", "adt_aodt", ["--method", "adt", "--teacher", "wrn34_10:{wrn34_10}", "--attack-steps", "1"]),
     ("aodt", "adt_aodt", ["--method", "aodt", "--attack-steps", "1"]),
@@ -160,9 +160,9 @@ STEP_VARIANTS = [  # (method, flags) for bench_train.build: every method's step,
     ("ard", ["--teacher-arch", "cnn_small"]),
     ("iad", ["--variant", "iad1", "--teacher-arch", "cnn_small"]),
     ("iad", ["--variant", "ard", "--teacher-arch", "cnn_small"]),
-    ("iad", ["--variant", "iad2", "--teacher-arch", "cnn_small", "--teacher-st-arch", "cnn_small"]),
-    ("iad", ["--variant", "akd2", "--teacher-arch", "cnn_small", "--teacher-st-arch", "cnn_small"]),
-    ("mtard", ["--adv-teacher-arch", "cnn_small", "--nat-teacher-arch", "cnn_small"]),
+    ("iad", ["--variant", "iad2", "--teacher-arch", "cnn_small", "--nat-teacher-arch", "cnn_small"]),
+    ("iad", ["--variant", "akd2", "--teacher-arch", "cnn_small", "--nat-teacher-arch", "cnn_small"]),
+    ("mtard", ["--teacher-arch", "cnn_small", "--nat-teacher-arch", "cnn_small"]),
     ("ardir", ["--teacher-arch", "cnn_small", "--ir-layers", "layer1,layer2,layer3"]),
     ("ardir", ["--teacher-arch", "cnn_small", "--ir-layers", "layer1,layer2,layer3", "--combo", "RA"]),
     ("adt_aodt", ["--method", "adt", "--teacher", "cnn_small:-"]),
@@ -218,11 +218,12 @@ def trained_cnn(args, steps=30):
 
 def test_compile_mode_reduce_overhead_monitor_equals_the_plain_monitor(cifar_dir):
     """The monitor through the emulated CUDA graphs (its last, padded batch included) gives the plain numbers."""
+    import rslad
     args = bench_train.method_args("rslad", ["--data-dir", str(cifar_dir), "--test-subset", "40",
                                              "--test-batch-size", "16", "--device", "cpu"])[1]
     loader = common.test_loader(args, device="cpu")
     model = trained_cnn(args)
-    cfg = common.MONITORS["pgd20-monitor"]
+    cfg = rslad.MONITORS["pgd20-monitor"]
     want = common.monitor(model, loader, cfg)
     got = common.monitor(CudaGraphTrees().wrap(model), loader, cfg)
     assert (got["clean"], got["robust"]) == (want["clean"], want["robust"]) and 0 < want["robust"] < want["clean"]
@@ -241,7 +242,7 @@ def _ardir_step(cifar_dir, compiled, combo):
     teacher = common.prepare_model(common.freeze(common.build_model("cnn_small")), args, "cpu")
     student = common.prepare_student(common.build_model("cnn_small"), args, torch.device("cpu"))
     ardir.check_ir_layers(student, teacher, args, "cpu")
-    common.monitor(teacher, common.test_loader(args, device="cpu"), common.MONITORS["pgd20-sat"])  # measure_teacher
+    common.monitor(teacher, common.test_loader(args, device="cpu"), ardir.MONITORS["pgd20-sat"])  # measure_teacher
     optimizer = common.sgd(student.parameters(), 0.05, 0.9, 5e-4)
     g = torch.Generator().manual_seed(1)
     x, y = torch.rand(6, 3, 32, 32, generator=g), torch.randint(0, 10, (6,), generator=g)
@@ -338,9 +339,9 @@ def test_compile_run_compiles_static_graphs_once(cifar_dir, teacher_ckpt, tmp_pa
 
     monkeypatch.setattr(common, "COMPILE_BACKEND", recording_backend)
     after_epoch = []
-    end_epoch = common.Run.end_epoch
-    monkeypatch.setattr(common.Run, "end_epoch", lambda self, *a, **k: (after_epoch.append(len(graphs)),
-                                                                       end_epoch(self, *a, **k))[1])
+    log_epoch = common.Run.log_epoch
+    monkeypatch.setattr(common.Run, "log_epoch", lambda self, *a, **k: (after_epoch.append(len(graphs)),
+                                                                       log_epoch(self, *a, **k))[1])
     torch._dynamo.reset()
     counters.clear()
     rslad.main(["--teacher", str(teacher_ckpt), "--arch", "cnn_small", "--train-subset", "20", "--batch-size", "8",
@@ -458,7 +459,7 @@ def test_deterministic_sets_the_cublas_workspace(monkeypatch):
     saved = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark,
              torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
     try:
-        common.seed_everything(0, deterministic=True)
+        common.set_deterministic(True)
         assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
     finally:
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved[:2]

@@ -74,7 +74,7 @@ def test_a_label_37_in_cifar10_stops_before_anything_is_written(tmp_path, teache
     data = write_cifar10(tmp_path / "data")
     set_label(data, "data_batch_2", 5, 37)
     for script in ("rslad.py", "mtard.py"):
-        teachers = (["--adv-teacher", teacher_ckpt, "--nat-teacher", teacher_ckpt] if script == "mtard.py"
+        teachers = (["--teacher", teacher_ckpt, "--nat-teacher", teacher_ckpt] if script == "mtard.py"
                     else ["--teacher", teacher_ckpt])
         proc = run_script(ROOT / script, *teachers, *TINY, "--train-subset", "200", "--data-dir", data,
                           "--runs-dir", tmp_path / "runs", cwd=tmp_path)
@@ -230,7 +230,7 @@ def test_an_unreadable_checkpoint_message(tmp_path, monkeypatch, capsys):
     ("rslad", ["--lr", "1e300"], ["--lr must be a positive number below 3.4e38"]),
     ("rslad", ["--epoch", "2"], ["unrecognized arguments: --epoch 2"]),
     ("rslad", ["--teacher", ""], ["--teacher is empty"]),
-    ("iad", ["--variant", "iad2", "--teacher-st", ""], ["--teacher-st is empty"]),
+    ("iad", ["--variant", "iad2", "--nat-teacher", ""], ["--nat-teacher is empty"]),
     ("mtard", ["--anl-beta", "-1"], ["--anl-beta must be in (0, 10]"]),
     ("mtard", ["--anl-beta", "1000"], ["--anl-beta must be in (0, 10]"]),
 ])
@@ -238,7 +238,7 @@ def test_bad_values_are_one_line(script, argv, words, tmp_path, teacher_ckpt, ca
     import importlib
     module = importlib.import_module(script)
     teachers = {"rslad": ["--teacher", str(teacher_ckpt)], "iad": ["--teacher", str(teacher_ckpt)],
-                "mtard": ["--adv-teacher", str(teacher_ckpt), "--nat-teacher", str(teacher_ckpt)]}[script]
+                "mtard": ["--teacher", str(teacher_ckpt), "--nat-teacher", str(teacher_ckpt)]}[script]
     with pytest.raises(SystemExit) as e:
         module.main([*teachers, *argv, "--runs-dir", str(tmp_path / "runs")])
     err = capsys.readouterr().err

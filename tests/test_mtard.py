@@ -12,9 +12,12 @@ import torch
 import torch.nn.functional as F
 from conftest import (
     ROOT,
+    args_for,
     check_best_reloads,
     check_first_step,
     check_resume_alone,
+    np_log_softmax,
+    random_logits,
     read_metrics,
     run_script,
 )
@@ -25,16 +28,6 @@ import rslad
 
 TINY = ["--arch", "cnn_small", "--train-subset", "64", "--test-subset", "32", "--batch-size", "32",
         "--attack-steps", "2", "--lr", "0.02", "--device", "cpu"]
-
-
-def args_for(*extra):
-    args, _ = mtard.parse_args(["--adv-teacher", "a.pt", "--nat-teacher", "n.pt", *extra])
-    return args
-
-
-def np_log_softmax(z):
-    z = z - z.max(1, keepdims=True)
-    return z - np.log(np.exp(z).sum(1, keepdims=True))
 
 
 def np_kl_elemmean(teacher, student, eps):
@@ -55,29 +48,24 @@ def official_anl(losses, rw, beta=1.0, w_nat=0.5):
     return out
 
 
-def random_logits(b, c, seed, scale=3.0):
-    g = torch.Generator().manual_seed(seed)
-    return scale * torch.randn(b, c, generator=g, dtype=torch.float64)
-
-
 # ---------------------------------------------------------------------------------------------
 # Defaults and schedule (mtard.md §3)
 # ---------------------------------------------------------------------------------------------
 
 def test_defaults_and_schedules():
-    a = args_for()
+    a = args_for(mtard)
     assert (a.arch, a.kl_scale, a.rw, a.anl_beta, a.w_init, a.rw_decay, a.anl_every, a.select) == \
         ("resnet18", 1.0, 0.025, 1.0, 0.5, "lr", "iter", "robust")
     assert (a.epochs, a.batch_size, a.lr, a.momentum, a.wd, a.lr_milestones) == (300, 128, 0.1, 0.9, 2e-4, [215, 260, 285])
     assert (a.eps, a.attack_step, a.attack_steps, a.attack_bn, a.rand_start) == (8 / 255, 2 / 255, 10, "eval", "normal001")
     assert (a.monitor, a.eval_every, a.eval_all_from, a.eval_first, a.seed) == ("pgd20-monitor", 20, 215, True, 0)
-    assert args_for("--dataset", "cifar100").kl_scale == 10.0  # mtard_resnet18_cifar100.py: 10 * torch.mean
-    assert mtard.TEACHER_ARCHS == {"adv_teacher": {"cifar10": "wrn34_10", "cifar100": "dm_wrn70_16"},
+    assert args_for(mtard, "--dataset", "cifar100").kl_scale == 10.0  # mtard_resnet18_cifar100.py: 10 * torch.mean
+    assert mtard.TEACHER_ARCHS == {"teacher": {"cifar10": "wrn34_10", "cifar100": "dm_wrn70_16"},
                                    "nat_teacher": {"cifar10": "resnet56", "cifar100": "dm_wrn22_6"}}
     epochs = (1, 215, 216, 260, 261, 285, 286, 300)
     assert [mtard.lr_at(e, a) for e in epochs] == pytest.approx([0.1, 0.1, 0.01, 0.01, 1e-3, 1e-3, 1e-4, 1e-4])
     assert [mtard.rw_at(e, a) for e in epochs] == pytest.approx([0.025, 0.025, 2.5e-3, 2.5e-3, 2.5e-4, 2.5e-4, 2.5e-5, 2.5e-5])
-    assert mtard.rw_at(300, args_for("--rw-decay", "none")) == 0.025
+    assert mtard.rw_at(300, args_for(mtard, "--rw-decay", "none")) == 0.025
     monitored = [e for e in range(1, 301) if common.is_monitor_epoch(a, e)]
     assert monitored == [1, *range(20, 201, 20), *range(215, 301)]  # the scripts' test condition
 
@@ -94,7 +82,7 @@ def test_shared_helpers_are_rslads_verbatim():
 def test_anl_update_matches_the_scripts_over_iterations():
     losses = [(2.0, 1.0), (1.8, 0.6), (1.5, 0.4), (1.2, 0.35), (1.3, 0.2)]
     for beta, rw in ((1.0, 0.025), (2.0, 0.3)):
-        a = args_for("--anl-beta", str(beta), "--rw", str(rw))
+        a = args_for(mtard, "--anl-beta", str(beta), "--rw", str(rw))
         anl = mtard.anl_state(a, "cpu")
         got = []
         for l_adv, l_nat in losses:
@@ -106,7 +94,7 @@ def test_anl_update_matches_the_scripts_over_iterations():
         assert got[0] == (0.5, 0.5)  # the first batch: both ratios are 1
         assert all(w_adv > 0.5 for w_adv, _ in got[1:])  # L_nat fell more, so T_adv gains weight
         assert anl["L_adv0"].item() == 2.0 and anl["L_nat0"].item() == 1.0  # first batch, never reset
-    a = args_for()
+    a = args_for(mtard)
     anl = mtard.anl_state(a, "cpu")
     for l_adv, l_nat in [(1.0, 2.0), (0.4, 1.9)]:  # now the adversarial loss falls faster
         mtard.anl_update(anl, torch.tensor(l_adv), torch.tensor(l_nat), a)
@@ -116,7 +104,7 @@ def test_anl_update_matches_the_scripts_over_iterations():
 @pytest.mark.parametrize("dataset,num_classes,k", [("cifar10", 10, 1.0), ("cifar100", 100, 10.0)])
 def test_loss_and_anl_against_the_formula(dataset, num_classes, k):
     """Three iterations of loss_fn with one ANL state: each loss uses the weights updated from its own terms."""
-    a = args_for("--dataset", dataset)
+    a = args_for(mtard, "--dataset", dataset)
     anl = mtard.anl_state(a, "cpu")
     values, got = [], []
     for it in range(3):
@@ -136,7 +124,7 @@ def test_loss_and_anl_against_the_formula(dataset, num_classes, k):
 
 
 def test_epsilon_changes_the_value_not_the_gradient():
-    a = args_for("--anl-every", "epoch")  # fixed weights 0.5: the comparison is about the KL only
+    a = args_for(mtard, "--anl-every", "epoch")  # fixed weights 0.5: the comparison is about the KL only
     anl = mtard.anl_state(a, "cpu")
     s_adv = random_logits(4, 10, 1).requires_grad_(True)
     s_nat, t_adv, t_nat = random_logits(4, 10, 2), random_logits(4, 10, 3), random_logits(4, 10, 4)
@@ -157,23 +145,23 @@ def test_epsilon_changes_the_value_not_the_gradient():
 def setup_models(seed=0):
     torch.manual_seed(seed)
     student = common.build_model("cnn_small").train()
-    adv_teacher = common.freeze(common.build_model("cnn_small"))
+    teacher = common.freeze(common.build_model("cnn_small"))
     nat_teacher = common.freeze(common.build_model("cnn_small"))
     g = torch.Generator().manual_seed(seed + 1)
     x = torch.rand(16, 3, 32, 32, generator=g)
     y = torch.randint(0, 10, (16,), generator=g)
-    return student, adv_teacher, nat_teacher, x, y
+    return student, teacher, nat_teacher, x, y
 
 
-def test_which_model_sees_which_input_and_the_ledger():
+def test_which_model_sees_which_input_and_in_which_order():
     """T_nat(x) first; 10 eval-mode attack passes; S(x') in train mode; T_adv on that same x'; then S(x)."""
-    a = args_for()
-    student, adv_teacher, nat_teacher, x, y = setup_models()
+    a = args_for(mtard)
+    student, teacher, nat_teacher, x, y = setup_models()
     seen = []
-    for name, m in (("S", student), ("T_adv", adv_teacher), ("T_nat", nat_teacher)):
+    for name, m in (("S", student), ("T_adv", teacher), ("T_nat", nat_teacher)):
         m.register_forward_pre_hook(lambda mod, inp, name=name: seen.append((name, mod.training, inp[0].detach())))
     opt = torch.optim.SGD(student.parameters(), lr=0.1, momentum=0.9, weight_decay=2e-4)
-    mtard.train_step(student, adv_teacher, nat_teacher, opt, x, y, mtard.anl_state(a, "cpu"), a)
+    mtard.train_step(student, teacher, nat_teacher, opt, x, y, mtard.anl_state(a, "cpu"), a)
     assert [(n, t) for n, t, _ in seen] == [("T_nat", False)] + [("S", False)] * 10 + \
         [("S", True), ("T_adv", False), ("S", True)]
     inputs = [z for _, _, z in seen]
@@ -185,7 +173,7 @@ def test_which_model_sees_which_input_and_the_ledger():
 
 @pytest.mark.parametrize("bn", ["eval", "train"])
 def test_inner_max_ball_box_objective_and_bn(bn):
-    a = args_for("--attack-steps", "5", "--attack-bn", bn)
+    a = args_for(mtard, "--attack-steps", "5", "--attack-bn", bn)
     student, _, _, x, y = setup_models()
     before = [b.clone() for b in student.buffers()]
     x_adv = mtard.inner_max(student, x, y, a)
@@ -205,15 +193,15 @@ def test_inner_max_ball_box_objective_and_bn(bn):
 def test_one_step_equals_independent_computation():
     """From an ANL state mid-training (weights 0.3/0.7, first-batch losses set, r_w large enough for the
     update to show): the step's loss uses the weights updated from this batch's own loss values."""
-    a = args_for("--attack-steps", "3", "--rw", "0.5")
-    student, adv_teacher, nat_teacher, x, y = setup_models()
+    a = args_for(mtard, "--attack-steps", "3", "--rw", "0.5")
+    student, teacher, nat_teacher, x, y = setup_models()
     ref = copy.deepcopy(student)
     opt = torch.optim.SGD(student.parameters(), lr=a.lr, momentum=0.9, weight_decay=a.wd)
     anl = mtard.anl_state(a, "cpu")
     anl.update(w_adv=torch.tensor(0.3, dtype=torch.float64), w_nat=torch.tensor(0.7, dtype=torch.float64),
                L_adv0=torch.tensor(0.5, dtype=torch.float64), L_nat0=torch.tensor(0.01, dtype=torch.float64))
     torch.manual_seed(7)
-    terms = mtard.train_step(student, adv_teacher, nat_teacher, opt, x, y, anl, a)
+    terms = mtard.train_step(student, teacher, nat_teacher, opt, x, y, anl, a)
 
     torch.manual_seed(7)
     with torch.no_grad():
@@ -227,7 +215,7 @@ def test_one_step_equals_independent_computation():
     ref.train()
     out_adv = ref(x_adv)
     with torch.no_grad():
-        p_adv = F.softmax(adv_teacher(x_adv), 1)
+        p_adv = F.softmax(teacher(x_adv), 1)
     out_nat = ref(x)
     kl = lambda p, z: (p * (torch.log(p + 1e-5) - F.log_softmax(z, 1))).mean()
     kl_adv, kl_nat = kl(p_adv, out_adv), kl(p_nat, out_nat)
@@ -254,7 +242,7 @@ def nat_ckpt(tmp_path_factory):
 def test_anl_every_epoch_and_select_wrobust(cifar_dir, teacher_ckpt, nat_ckpt, tmp_path):
     """D-MTARD-4 alternative: each epoch uses the weights from the previous epochs' mean losses relative
     to epoch 1's; D-MTARD-5 alternative: best.pt by (clean + robust)/2."""
-    mtard.main(["--adv-teacher", str(teacher_ckpt), "--nat-teacher", str(nat_ckpt), *TINY, "--epochs", "4",
+    mtard.main(["--teacher", str(teacher_ckpt), "--nat-teacher", str(nat_ckpt), *TINY, "--epochs", "4",
                 "--eval-every", "1", "--anl-every", "epoch", "--select", "wrobust", "--rw", "0.5",
                 "--data-dir", str(cifar_dir), "--runs-dir", str(tmp_path)])
     (run,) = tmp_path.iterdir()
@@ -268,20 +256,21 @@ def test_anl_every_epoch_and_select_wrobust(cifar_dir, teacher_ckpt, nat_ckpt, t
     assert epochs[2]["w_nat"] != 0.5
     best = torch.load(run / "best.pt", weights_only=True)
     assert best["select"]["value"] == max(m["test_wrobust"] for m in epochs)
+    assert best["select"]["value_name"] == "W-Robust"
 
 
 def test_smoke_subprocess_and_best_reload(cifar_dir, teacher_ckpt, nat_ckpt, tmp_path):
-    proc = run_script(ROOT / "mtard.py", "--adv-teacher", teacher_ckpt, "--nat-teacher", nat_ckpt, *TINY,
+    proc = run_script(ROOT / "mtard.py", "--teacher", teacher_ckpt, "--nat-teacher", nat_ckpt, *TINY,
                       "--epochs", "2", "--eval-every", "1", "--data-dir", cifar_dir, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (run,) = (tmp_path / "runs").iterdir()
     assert run.name.startswith("mtard__cifar10__cnn_small__s0__")
     saved = json.loads((run / "args.json").read_text())
-    assert (saved["adv_teacher_arch"], saved["nat_teacher_arch"], saved["kl_scale"]) == ("cnn_small", "cnn_small", 1.0)
-    assert saved["adv_teacher_sha256"] != saved["nat_teacher_sha256"]
+    assert (saved["teacher_arch"], saved["nat_teacher_arch"], saved["kl_scale"]) == ("cnn_small", "cnn_small", 1.0)
+    assert saved["teacher_sha256"] != saved["nat_teacher_sha256"]
     lines = read_metrics(run)
     assert [m["epoch"] for m in lines[:2]] == [0, 0]
-    assert {"adv_teacher/clean", "adv_teacher/robust"} <= set(lines[0])
+    assert {"teacher/clean", "teacher/robust"} <= set(lines[0])
     assert {"nat_teacher/clean", "nat_teacher/robust"} <= set(lines[1])
     epochs = lines[2:]
     assert [m["epoch"] for m in epochs] == [1, 2]
@@ -293,7 +282,7 @@ def test_smoke_subprocess_and_best_reload(cifar_dir, teacher_ckpt, nat_ckpt, tmp
 
 
 def test_resume_alone_continues_the_anl_exactly(cifar_dir, teacher_ckpt, nat_ckpt, tmp_path):
-    argv = ["--adv-teacher", teacher_ckpt, "--nat-teacher", nat_ckpt, *TINY, "--eval-every", "2",
+    argv = ["--teacher", teacher_ckpt, "--nat-teacher", nat_ckpt, *TINY, "--eval-every", "2",
             "--data-dir", cifar_dir]
     full, _ = check_resume_alone("mtard.py", argv, tmp_path, epochs=3)
     extra = torch.load(full / "last.pt", weights_only=True)["extra"]
@@ -306,25 +295,35 @@ def test_resume_alone_continues_the_anl_exactly(cifar_dir, teacher_ckpt, nat_ckp
     (["--rw", "2"], "--rw must be in [0, 1]"),
     (["--w-init", "-0.1"], "--w-init must be in [0, 1]"),
     (["--anl-beta", "nan"], "--anl-beta"),
-    (["--select", "wrobust", "--monitor", "clean"], "--select wrobust"),
+    (["--select", "wrobust", "--monitor", "clean"], "--monitor"),  # no clean-only monitor: W-Robust needs a robust one
     (["--anl-every", "step"], "--anl-every"),
 ])
 def test_bad_values_are_one_line(flags, match, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
-        mtard.main(["--adv-teacher", "a.pt", "--nat-teacher", "n.pt", "--runs-dir", str(tmp_path), *flags])
+        mtard.main(["--teacher", "a.pt", "--nat-teacher", "n.pt", "--runs-dir", str(tmp_path), *flags])
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and match in err[0], err
     assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("flag,value", [("--anl-beta", "2"), ("--rw-decay", "none"), ("--anl-every", "epoch")])
+def test_an_anl_flag_is_refused_with_rw_zero(flag, value, capsys):
+    """--rw 0 keeps the weights at --w-init: the flags of the ANL update are not read."""
+    assert mtard.unused_flags(args_for(mtard)) == {}
+    with pytest.raises(SystemExit) as e:
+        mtard.parse_args(["--teacher", "a.pt", "--nat-teacher", "n.pt", "--rw", "0", flag, value])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and err == [f"error: {flag} is not read with --rw 0 (the weights stay at --w-init)"], err
+
+
 def test_missing_or_mismatched_teacher_is_one_line(cifar_dir, cifar100_dir, teacher_ckpt, tmp_path, capsys):
     base = ["--arch", "cnn_small", "--runs-dir", str(tmp_path), "--device", "cpu", "--epochs", "1",
             "--train-subset", "32", "--test-subset", "16"]
-    cases = [(["--adv-teacher", str(teacher_ckpt)], ["--data-dir", str(cifar_dir)], "--nat-teacher"),
-             (["--adv-teacher", str(teacher_ckpt), "--nat-teacher", str(tmp_path / "missing.pt")],
+    cases = [(["--teacher", str(teacher_ckpt)], ["--data-dir", str(cifar_dir)], "--nat-teacher"),
+             (["--teacher", str(teacher_ckpt), "--nat-teacher", str(tmp_path / "missing.pt")],
               ["--data-dir", str(cifar_dir)], "not found"),
-             (["--adv-teacher", str(teacher_ckpt), "--nat-teacher", str(teacher_ckpt)],
+             (["--teacher", str(teacher_ckpt), "--nat-teacher", str(teacher_ckpt)],
               ["--dataset", "cifar100", "--data-dir", str(cifar100_dir), "--override-record"], "10-class head")]
     for teachers, extra, match in cases:
         with pytest.raises(SystemExit) as e:

@@ -91,7 +91,7 @@ def test_published_rows_are_well_formed():
             flag = key.split(".")[0]
             # a teacher flag's _arch comes from common.add_teacher_args(prefix=...)
             base = flag[:-len("_arch")] if flag.endswith("_arch") else flag
-            teacher_flag = base in ("teacher", "adv_teacher", "nat_teacher") and "add_teacher_args" in src
+            teacher_flag = base in ("teacher", "nat_teacher") and "add_teacher_args" in src
             assert f'"--{flag.replace("_", "-")}"' in src or teacher_flag, (row["label"], key)
             if flag.endswith("arch"):
                 assert value in common.ARCHS, (row["label"], key)
@@ -123,7 +123,7 @@ def report_text(*args):
 # ---- a smoke eval of a suite checkpoint that targets IAD Table 2's IAD-I row ------------------------------
 
 IAD1 = {"script": "iad", "dataset": "cifar10", "arch": "resnet18", "variant": "iad1", "teacher_arch": "resnet18",
-        "temp": 1.0, "beta": 0.1, "alpha": 1.0, "alpha1": 0.5, "alpha2": 0.25, "begin": 60, "epochs": 200,
+        "temp": 1.0, "beta": 0.1, "alpha": 1.0, "lambda2": 0.5, "lambda3": 0.25, "begin": 60, "epochs": 200,
         "runs_dir": "runs"}
 
 
@@ -309,7 +309,7 @@ def test_names_carry_the_method_and_smoke_runs_are_listed_compactly(tmp_path):
     method, each run is one line, and one line at the top says what smoke scale can show."""
     rep = load_report()
     small = ["--arch", "cnn_small", "--epochs", "2", "--train-subset", "1024", "--test-subset", "200", "--lr", "0.02"]
-    sat, nat = ["--teacher", "/t/sat.pt"], ["--teacher-st", "/t/nat.pt"]
+    sat, nat = ["--teacher", "/t/sat.pt"], ["--nat-teacher", "/t/nat.pt"]
     runs = [("adt", "adt_aodt", ["--method", "adt", "--teacher", "cnn_small:/t/nat.pt"], "adt"),
             ("aodt", "adt_aodt", ["--method", "aodt", "--peer-arch", "cnn_small"], "adt"),
             ("iad1", "iad", ["--variant", "iad1", "--begin", "1", *sat], "iad"),
@@ -319,7 +319,7 @@ def test_names_carry_the_method_and_smoke_runs_are_listed_compactly(tmp_path):
     results = []
     for out, script, argv, preset in runs:  # old folder names, the script alone: adt and aodt read the same
         args = defaults(script, *argv, *small)
-        args.update({k: "cnn_small" for k in ("teacher_arch", "teacher_st_arch") if args.get(k[:-5])})  # from the file
+        args.update({k: "cnn_small" for k in ("teacher_arch", "nat_teacher_arch") if args.get(k[:-5])})  # from the file
         teachers = {"teacher": {"found": True, "suite": True, "recipe": "sat-iad"}} if script == "iad" else None
         result = eval_json(args, script=script, preset=preset, kind="last" if script == "adt_aodt" else "best",
                            n_ex=200, folder=f"{script}__same", teachers=teachers)

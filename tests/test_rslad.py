@@ -10,37 +10,18 @@ import torch
 import torch.nn.functional as F
 from conftest import (
     ROOT,
+    args_for,
     check_best_reloads,
     check_first_step,
+    np_kl_terms,
+    random_logits,
     read_metrics,
     run_script,
+    setup_models,
 )
 
 import common
 import rslad
-
-
-def args_for(*extra):
-    args, _ = rslad.parse_args(["--teacher", "t.pt", *extra])
-    return args
-
-
-def np_log_softmax(z):
-    z = z - z.max(1, keepdims=True)
-    return z - np.log(np.exp(z).sum(1, keepdims=True))
-
-
-def np_kl_terms(teacher, student, eps=0.0):
-    """Elementwise p (log(p + eps) - log q), float64, p = softmax(teacher), q = softmax(student)."""
-    p = np.exp(np_log_softmax(teacher))
-    return p * (np.log(p + eps) - np_log_softmax(student))
-
-
-def random_logits(b, c, seed, scale=3.0, dtype=torch.float64):
-    """Fixed logits, float64 by default: the loss functions are dtype-agnostic, so the formula checks
-    compare float64 with float64 and a 1e-6 tolerance is not eaten by float32 cancellation (τ² = 900)."""
-    g = torch.Generator().manual_seed(seed)
-    return (scale * torch.randn(b, c, generator=g, dtype=torch.float64)).to(dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -48,20 +29,20 @@ def random_logits(b, c, seed, scale=3.0, dtype=torch.float64):
 # ---------------------------------------------------------------------------------------------
 
 def test_defaults_cifar10_and_cifar100():
-    a = args_for()
+    a = args_for(rslad)
     assert (a.arch, a.alpha, a.kl_scale, a.kl_reduction, a.log_of_softmax) == ("resnet18", 5 / 6, 1.0, "elemmean", False)
     assert (a.epochs, a.batch_size, a.lr, a.momentum, a.wd, a.lr_milestones) == (300, 128, 0.1, 0.9, 2e-4, [215, 260, 285])
     assert (a.eps, a.attack_step, a.attack_steps, a.attack_bn, a.rand_start) == (8 / 255, 2 / 255, 10, "eval", "normal001")
     assert (a.monitor, a.eval_every, a.eval_all_from, a.seed, a.teacher_dtype) == ("pgd20-monitor", 20, 215, 0, "fp32")
     assert (a.inner, a.outer) == ("rslad", "rslad")
-    b = args_for("--dataset", "cifar100")
+    b = args_for(rslad, "--dataset", "cifar100")
     assert b.kl_scale == 10.0  # RSLAD README: x10 on CIFAR-100
-    c = args_for("--inner", "ard")
+    c = args_for(rslad, "--inner", "ard")
     assert (c.attack_bn, c.rand_start) == ("train", "uniform")  # D-RSLAD-5: ARD's attack verbatim
 
 
 def test_lr_schedule_decays_after_the_listed_epochs():
-    a = args_for()
+    a = args_for(rslad)
     got = {e: rslad.lr_at(e, a) for e in (1, 215, 216, 260, 261, 285, 286, 300)}
     assert got == pytest.approx({1: 0.1, 215: 0.1, 216: 0.01, 260: 0.01, 261: 1e-3, 285: 1e-3, 286: 1e-4, 300: 1e-4})
 
@@ -73,7 +54,7 @@ def test_lr_schedule_decays_after_the_listed_epochs():
 @pytest.mark.parametrize("dataset,num_classes,k", [("cifar10", 10, 1.0), ("cifar100", 100, 10.0)])
 @pytest.mark.parametrize("reduction", ["elemmean", "batchmean", "sum"])
 def test_loss_matches_eq3(dataset, num_classes, k, reduction):
-    a = args_for("--dataset", dataset, "--kl-reduction", reduction)
+    a = args_for(rslad, "--dataset", dataset, "--kl-reduction", reduction)
     s_adv, s_nat, t = (random_logits(8, num_classes, seed) for seed in (1, 2, 3))
     loss, terms = rslad.loss_fn(s_adv, s_nat, t, a)
     reduce = {"elemmean": np.mean, "batchmean": lambda e: e.sum() / len(e), "sum": np.sum}[reduction]
@@ -86,7 +67,7 @@ def test_loss_matches_eq3(dataset, num_classes, k, reduction):
 
 
 def test_epsilon_changes_the_value_not_the_gradient():
-    a = args_for()
+    a = args_for(rslad)
     s_adv = random_logits(4, 10, 1).requires_grad_(True)
     s_nat, t = random_logits(4, 10, 2), random_logits(4, 10, 3)
     loss, _ = rslad.loss_fn(s_adv, s_nat, t, a)
@@ -100,7 +81,7 @@ def test_epsilon_changes_the_value_not_the_gradient():
 
 
 def test_log_of_softmax_flag_d_rslad_2():
-    a, b = args_for(), args_for("--log-of-softmax")
+    a, b = args_for(rslad), args_for(rslad, "--log-of-softmax")
     s, t = random_logits(4, 10, 1, dtype=torch.float32), random_logits(4, 10, 2, dtype=torch.float32)
     assert rslad.loss_fn(s, s, t, a)[0].item() == pytest.approx(rslad.loss_fn(s, s, t, b)[0].item(), abs=1e-6)
     s[0, 0] = -200.0  # the student's probability underflows to 0
@@ -108,7 +89,7 @@ def test_log_of_softmax_flag_d_rslad_2():
 
 
 def test_outer_ard_is_ards_loss():
-    a = args_for("--outer", "ard")
+    a = args_for(rslad, "--outer", "ard")
     s_adv, s_nat, t = (random_logits(8, 10, seed) for seed in (1, 2, 3))
     loss, _ = rslad.loss_fn_ard(s_adv, s_nat, t, a)
     expected = 900 * np.mean(np_kl_terms(t.double().numpy() / 30, s_adv.double().numpy() / 30))
@@ -119,19 +100,9 @@ def test_outer_ard_is_ards_loss():
 # Inner maximisation
 # ---------------------------------------------------------------------------------------------
 
-def setup_models(seed=0):
-    torch.manual_seed(seed)
-    student = common.build_model("cnn_small").train()
-    teacher = common.freeze(common.build_model("cnn_small"))
-    g = torch.Generator().manual_seed(seed + 1)
-    x = torch.rand(16, 3, 32, 32, generator=g)
-    y = torch.randint(0, 10, (16,), generator=g)
-    return student, teacher, x, y
-
-
 @pytest.mark.parametrize("inner", ["rslad", "ard"])
 def test_inner_max_ball_box_objective_and_bn(inner):
-    a = args_for("--attack-steps", "5", "--inner", inner)
+    a = args_for(rslad, "--attack-steps", "5", "--inner", inner)
     student, teacher, x, y = setup_models()
     with torch.no_grad():
         t = teacher(x)
@@ -151,9 +122,9 @@ def test_inner_max_ball_box_objective_and_bn(inner):
         assert objective(x_adv) > objective(x) + 1e-3
 
 
-def test_ledger_attack_in_eval_then_two_train_passes():
+def test_forward_passes_attack_in_eval_then_two_train_passes():
     """Forwards of one train_step: 10 eval-mode attack passes, then S(x') and S(x) in train mode."""
-    a = args_for()
+    a = args_for(rslad)
     student, teacher, x, y = setup_models()
     seen = []
     student.register_forward_pre_hook(lambda m, inp: seen.append((m.training, torch.equal(inp[0], x))))
@@ -163,7 +134,7 @@ def test_ledger_attack_in_eval_then_two_train_passes():
 
 
 def test_amp_bf16_keeps_iterates_fp32():
-    a = args_for("--amp", "bf16", "--attack-steps", "2")
+    a = args_for(rslad, "--amp", "bf16", "--attack-steps", "2")
     student, teacher, x, y = setup_models()
     x_adv = rslad.inner_max(student, x, y, teacher(x), a)
     assert x_adv.dtype == torch.float32 and (x_adv - x).abs().max() <= a.eps + 1e-7
@@ -174,7 +145,7 @@ def test_amp_bf16_keeps_iterates_fp32():
 # ---------------------------------------------------------------------------------------------
 
 def test_one_step_equals_independent_computation():
-    a = args_for("--attack-steps", "3")
+    a = args_for(rslad, "--attack-steps", "3")
     student, teacher, x, y = setup_models()
     ref = copy.deepcopy(student)
     opt = torch.optim.SGD(student.parameters(), lr=a.lr, momentum=0.9, weight_decay=a.wd)
@@ -254,3 +225,14 @@ def test_bad_teacher_is_one_line(cifar_dir, cifar100_dir, teacher_ckpt, tmp_path
         err = capsys.readouterr().err.strip().splitlines()
         assert err[-1].startswith("error: ") and match in err[-1], err
     assert not any(tmp_path.iterdir())  # no run folder left behind by a run that never started
+
+
+@pytest.mark.parametrize("flags", [["--alpha", "0.5"], ["--kl-scale", "2"], ["--kl-reduction", "elemmean"],
+                                   ["--log-of-softmax"]])
+def test_flags_outer_ard_does_not_read_are_refused(flags, capsys):
+    args_for(rslad, *flags)  # read by RSLAD's loss
+    with pytest.raises(SystemExit) as e:
+        args_for(rslad, "--outer", "ard", *flags)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and err[0].startswith(f"error: {flags[0]} "), err
+    assert "--outer ard" in err[0]

@@ -80,8 +80,8 @@ def test_sgd_step_is_the_plain_update():
 
 BENCH_FLAGS = {
     "ard": ["--teacher-arch", "cnn_small"],
-    "iad": ["--variant", "iad2", "--teacher-arch", "cnn_small", "--teacher-st-arch", "cnn_small"],
-    "mtard": ["--adv-teacher-arch", "cnn_small", "--nat-teacher-arch", "cnn_small"],
+    "iad": ["--variant", "iad2", "--teacher-arch", "cnn_small", "--nat-teacher-arch", "cnn_small"],
+    "mtard": ["--teacher-arch", "cnn_small", "--nat-teacher-arch", "cnn_small"],
     "ardir": ["--teacher-arch", "cnn_small", "--ir-layers", "layer1,layer2,layer3"],
     "adt_aodt": ["--method", "aodt", "--peer-arch", "cnn_small"],
     "train_teacher": ["--recipe", "trades"],

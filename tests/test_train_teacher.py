@@ -7,19 +7,20 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ROOT, check_best_reloads, read_metrics, run_script
+from conftest import (
+    ROOT,
+    args_for,
+    check_best_reloads,
+    read_metrics,
+    run_script,
+)
 
 import common
 import train_teacher as tt
 
 # lr 0.02: at the recipes' 0.1 the small CNN diverges within two epochs (the divergence guard stops it)
-TINY = ["--arch", "cnn_small", "--train-subset", "96", "--test-subset", "32", "--attack-steps", "2", "--batch-size", "32",
+TINY = ["--arch", "cnn_small", "--train-subset", "96", "--test-subset", "32", "--batch-size", "32",
         "--lr", "0.02"]
-
-
-def args_for(recipe, *extra):
-    args, _ = tt.parse_args(["--recipe", recipe, *extra])
-    return args
 
 
 # ---------------------------------------------------------------------------------------------
@@ -41,14 +42,14 @@ def args_for(recipe, *extra):
     ("trades-iad", dict(epochs=200, eps=8 / 255, attack_step=2 / 255, beta=6.0, monitor="pgd10-madry")),
 ])
 def test_recipe_defaults(recipe, expect):
-    args = args_for(recipe)
+    args = args_for(tt, "--recipe", recipe)
     assert {k: getattr(args, k) for k in expect} == expect
 
 
 def test_sat_ardir_svhn_step_and_overrides():
-    assert args_for("sat-ardir", "--dataset", "svhn").attack_step == 1 / 255
-    assert args_for("sat-ardir", "--dataset", "svhn", "--attack-step", "3/255").attack_step == 3 / 255
-    assert args_for("trades", "--eps", "8/255", "--beta", "1").eps == 8 / 255
+    assert args_for(tt, "--recipe", "sat-ardir", "--dataset", "svhn").attack_step == 1 / 255
+    assert args_for(tt, "--recipe", "sat-ardir", "--dataset", "svhn", "--attack-step", "3/255").attack_step == 3 / 255
+    assert args_for(tt, "--recipe", "trades", "--eps", "8/255", "--beta", "1").eps == 8 / 255
 
 
 @pytest.mark.parametrize("recipe,table", [
@@ -58,24 +59,51 @@ def test_sat_ardir_svhn_step_and_overrides():
     ("sat-madry", {1: 0.1, 40000: 0.1, 40001: 0.01, 60000: 0.01, 60001: 0.001}),     # per iteration
 ])
 def test_lr_schedules(recipe, table):
-    args = args_for(recipe)
+    args = args_for(tt, "--recipe", recipe)
     assert {k: tt.lr_at(k, args) for k in table} == pytest.approx(table, rel=1e-12)
 
 
 def test_iterations_only_for_madry(capsys):
     with pytest.raises(SystemExit) as e:
-        args_for("sat-iad", "--iterations", "10")
+        args_for(tt, "--recipe", "sat-iad", "--iterations", "10")
     assert e.value.code == 2 and "--iterations" in capsys.readouterr().err
+
+
+# Each flag that a recipe does not read, typed with that recipe (the flag's value is valid)
+UNUSED = [
+    *[(["--recipe", recipe, flag, value], flag) for recipe in ("natural-rslad", "natural-iad", "natural-ardir")
+      for flag, value in (("--eps", "8/255"), ("--attack-step", "2/255"), ("--attack-steps", "10"),
+                          ("--rand-start", "uniform"), ("--attack-bn", "eval"), ("--beta", "6"))],
+    *[(["--recipe", recipe, "--beta", "6"], "--beta") for recipe in ("sat-madry", "sat-iad", "sat-ardir")],
+    *[(["--recipe", recipe, "--iterations", "10"], "--iterations") for recipe in sorted(tt.RECIPES) if recipe != "sat-madry"],
+    (["--recipe", "sat-madry", "--iterations", "10", "--epochs", "2"], "--epochs"),
+    *[(["--recipe", recipe, flag], flag) for recipe in ("natural-iad", "trades") for flag in ("--unsafe-load", "--override-record")],
+]
+
+
+@pytest.mark.parametrize("argv,flag", UNUSED, ids=[" ".join(argv) for argv, _ in UNUSED])
+def test_unread_flags_are_refused(argv, flag, capsys):
+    with pytest.raises(SystemExit) as e:
+        tt.parse_args(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and err[0].startswith(f"error: {flag} is "), err
+
+
+def test_read_flags_are_accepted():
+    args_for(tt, "--recipe", "trades-iad", "--eps", "8/255", "--attack-step", "2/255", "--attack-steps", "3",
+             "--rand-start", "uniform", "--attack-bn", "train", "--beta", "1")
+    args_for(tt, "--recipe", "sat-madry", "--iterations", "10", "--attack-bn", "eval")
+    assert args_for(tt, "--recipe", "sat-madry", "--epochs", "2").iterations is None  # N full passes
 
 
 def test_madry_weight_decay_only_on_weights():
     model = common.build_model("cnn_small")
-    opt = tt.make_optimizer(model, args_for("sat-madry"))
+    opt = tt.make_optimizer(model, args_for(tt, "--recipe", "sat-madry"))
     decayed, free = opt.param_groups
     assert decayed["weight_decay"] == 2e-4 and free["weight_decay"] == 0.0
     assert all(p.ndim > 1 for p in decayed["params"]) and all(p.ndim == 1 for p in free["params"])
     assert len(decayed["params"]) + len(free["params"]) == len(list(model.parameters()))
-    opt = tt.make_optimizer(model, args_for("sat-iad"))
+    opt = tt.make_optimizer(model, args_for(tt, "--recipe", "sat-iad"))
     assert len(opt.param_groups) == 1 and opt.param_groups[0]["weight_decay"] == 2e-4
 
 
@@ -89,7 +117,7 @@ def fixed_batch(n=16, seed=0):
 
 
 def test_trades_loss_matches_formula_and_ledger():
-    args = args_for("trades")
+    args = args_for(tt, "--recipe", "trades")
     torch.manual_seed(0)
     model = common.build_model("cnn_small").train()
     ref = copy.deepcopy(model)
@@ -122,16 +150,16 @@ def test_sat_and_natural_losses():
     model = common.build_model("cnn_small").train()
     x, y = fixed_batch()
     x_adv = (x + 0.03).clamp(0, 1)
-    loss, _, _ = tt.loss_fn(model, x, x_adv, y, args_for("sat-iad"))
+    loss, _, _ = tt.loss_fn(model, x, x_adv, y, args_for(tt, "--recipe", "sat-iad"))
     ref = copy.deepcopy(model)
     assert loss.item() == pytest.approx(F.cross_entropy(ref(x_adv), y).item(), abs=1e-6)
-    loss, _, _ = tt.loss_fn(model, x, x_adv, y, args_for("natural-iad"))
+    loss, _, _ = tt.loss_fn(model, x, x_adv, y, args_for(tt, "--recipe", "natural-iad"))
     assert loss.item() == pytest.approx(F.cross_entropy(copy.deepcopy(model)(x), y).item(), abs=1e-6)
 
 
 @pytest.mark.parametrize("recipe,moves", [("sat-madry", True), ("sat-iad", False), ("trades", False)])
 def test_inner_max_ball_box_objective_and_bn_mode(recipe, moves):
-    args = args_for(recipe, "--attack-steps", "5")
+    args = args_for(tt, "--recipe", recipe, "--attack-steps", "5")
     torch.manual_seed(0)
     model = common.build_model("cnn_small").train()
     x, y = fixed_batch(32)
@@ -156,21 +184,21 @@ def test_inner_max_ball_box_objective_and_bn_mode(recipe, moves):
 # ---------------------------------------------------------------------------------------------
 
 def test_resume_equals_uninterrupted_run(cifar_dir, tmp_path, monkeypatch):
-    base = ["--recipe", "sat-iad", *TINY, "--epochs", "3", "--data-dir", str(cifar_dir), "--device", "cpu"]
+    base = ["--recipe", "sat-iad", *TINY, "--attack-steps", "2", "--epochs", "3", "--data-dir", str(cifar_dir), "--device", "cpu"]
     tt.main(base + ["--runs-dir", str(tmp_path / "a")])
     (full,) = (tmp_path / "a").iterdir()
 
-    real_end = common.Run.end_epoch
+    real_save = common.Run.save_last
 
-    def killed_after_epoch_2(self, epoch, *a, **k):
-        out = real_end(self, epoch, *a, **k)
-        if epoch == 2:
+    def killed_after_epoch_2(self, model, optimizer, record, *a, **k):
+        out = real_save(self, model, optimizer, record, *a, **k)
+        if record["epoch"] == 2:
             raise KeyboardInterrupt  # the process dies right after last.pt of epoch 2 is written
         return out
-    monkeypatch.setattr(common.Run, "end_epoch", killed_after_epoch_2)
+    monkeypatch.setattr(common.Run, "save_last", killed_after_epoch_2)
     with pytest.raises(KeyboardInterrupt):
         tt.main(base + ["--runs-dir", str(tmp_path / "b")])
-    monkeypatch.setattr(common.Run, "end_epoch", real_end)
+    monkeypatch.setattr(common.Run, "save_last", real_save)
     (part,) = (tmp_path / "b").iterdir()
     assert torch.load(part / "last.pt", weights_only=True)["epoch"] == 2
     tt.main(base + ["--runs-dir", str(tmp_path / "b"), "--resume", str(part / "last.pt")])
@@ -203,11 +231,12 @@ def test_resume_refuses_changed_flags(cifar_dir, tmp_path, capsys):
 @pytest.mark.parametrize("recipe", ["natural-rslad", "sat-madry", "trades"])
 def test_smoke_subprocess(recipe, cifar_dir, tmp_path):
     length = ["--iterations", "5"] if recipe == "sat-madry" else ["--epochs", "2"]
-    proc = run_script(ROOT / "train_teacher.py", "--recipe", recipe, *TINY, *length, "--data-dir", cifar_dir,
+    attack = [] if recipe.startswith("natural") else ["--attack-steps", "2"]  # a natural recipe runs no attack
+    proc = run_script(ROOT / "train_teacher.py", "--recipe", recipe, *TINY, *attack, *length, "--data-dir", cifar_dir,
                       "--device", "cpu", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (run,) = (tmp_path / "runs").iterdir()
-    assert run.name.startswith(f"train_teacher-{recipe}__cifar10__cnn_small__s{args_for(recipe).seed}__")
+    assert run.name.startswith(f"train_teacher-{recipe}__cifar10__cnn_small__s{args_for(tt, '--recipe', recipe).seed}__")
     saved = json.loads((run / "args.json").read_text())
     assert saved["recipe"] == recipe and saved["script"] == "train_teacher"
     metrics = read_metrics(run)

@@ -39,7 +39,7 @@ PEAKS = {
 METHODS = ("rslad", "ard", "iad", "mtard", "ardir", "adt_aodt", "train_teacher")
 # the checkpoint flags each script requires; the bench builds randomly initialised models instead
 PLACEHOLDERS = {"rslad": ["--teacher", "-"], "ard": ["--teacher", "-"], "iad": ["--teacher", "-"],
-                "mtard": ["--adv-teacher", "-", "--nat-teacher", "-"], "ardir": ["--teacher", "-"],
+                "mtard": ["--teacher", "-", "--nat-teacher", "-"], "ardir": ["--teacher", "-"],
                 "adt_aodt": [], "train_teacher": []}
 
 
@@ -48,7 +48,7 @@ def method_args(method, argv):
     module = importlib.import_module(method)
     fill = list(PLACEHOLDERS[method])
     if method == "iad" and any(v in argv for v in ("iad2", "akd2")):
-        fill += ["--teacher-st", "-"]
+        fill += ["--nat-teacher", "-"]
     if method == "adt_aodt" and "aodt" not in argv and "--teacher" not in argv:
         fill += ["--teacher", "wrn34_10:-"]
     args, _ = module.parse_args(fill + argv)
@@ -70,7 +70,7 @@ def build(method, module, args, device):
         optimizer = module.make_optimizer(student, args)
 
         def step(x, y):
-            x_adv = x if args.kind == "natural" else module.inner_max(common.local(student), x, y, args)
+            x_adv = x if args.kind == "natural" else module.inner_max(common.unwrap(student, keep_compiled=True), x, y, args)
             loss, terms, _ = module.loss_fn(student, x, x_adv, y, args)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -89,7 +89,7 @@ def build(method, module, args, device):
         return _with_student(lambda x, y: module.train_step(student, teacher, optimizer, x, y, args), student)
     optimizer = common.sgd(student.parameters(), args.lr, args.momentum, args.wd)
     if method == "mtard":
-        adv = frozen(args.adv_teacher_arch or module.TEACHER_ARCHS["adv_teacher"][args.dataset], n, args, device)
+        adv = frozen(args.teacher_arch or module.TEACHER_ARCHS["teacher"][args.dataset], n, args, device)
         nat = frozen(args.nat_teacher_arch or module.TEACHER_ARCHS["nat_teacher"][args.dataset], n, args, device)
         anl = module.anl_state(args, device)
         return _with_student(lambda x, y: module.train_step(student, adv, nat, optimizer, x, y, anl, args), student)
@@ -97,7 +97,7 @@ def build(method, module, args, device):
                "iad": "resnet18", "ardir": "preact_resnet18"}[method]
     teacher = frozen(args.teacher_arch or default, n, args, device)
     if method == "iad":  # the step after the warm-up: the longest ledger
-        st = frozen(args.teacher_st_arch or "resnet18", n, args, device) if args.variant in ("iad2", "akd2") else None
+        st = frozen(args.nat_teacher_arch or "resnet18", n, args, device) if args.variant in ("iad2", "akd2") else None
         epoch = (args.begin or 0) + 1
         return _with_student(lambda x, y: module.train_step(student, teacher, st, optimizer, x, y, epoch, args), student)
     return _with_student(lambda x, y: module.train_step(student, teacher, optimizer, x, y, args), student)

@@ -77,6 +77,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 import bench_train  # noqa: E402
 import common  # noqa: E402
+import rslad  # noqa: E402
 
 CHECKS = ("eager", "compiled", "bench", "autoattack", "ddp")
 
@@ -258,9 +259,9 @@ def model_flags(method, flags, small):
     if method in ("rslad", "ard", "iad"):
         out += ["--teacher-arch", teacher]
     if method == "iad" and any(v in flags for v in ("iad2", "akd2")):
-        out += ["--teacher-st-arch", teacher]
+        out += ["--nat-teacher-arch", teacher]
     if method == "mtard":
-        out += ["--adv-teacher-arch", teacher, "--nat-teacher-arch", teacher]
+        out += ["--teacher-arch", teacher, "--nat-teacher-arch", teacher]
     if method == "ardir":
         out += ["--teacher-arch", student] + (["--ir-layers", "layer1,layer2,layer3"] if student == "cnn_small" else [])
     if method == "adt_aodt":
@@ -269,8 +270,9 @@ def model_flags(method, flags, small):
 
 
 def step_argv(method, flags, ctx, small):
-    return [*flags, *model_flags(method, flags, small), "--batch-size", str(ctx.sizes["batch"]),
-            "--attack-steps", str(ctx.sizes["attack_steps"]), "--rand-start", "none"]
+    natural = any(f.startswith("natural-") for f in flags)  # no attack: train_teacher.py refuses its flags
+    attack = [] if natural else ["--attack-steps", str(ctx.sizes["attack_steps"]), "--rand-start", "none"]
+    return [*flags, *model_flags(method, flags, small), "--batch-size", str(ctx.sizes["batch"]), *attack]
 
 
 def build_step(method, argv, device, seed=0):
@@ -531,7 +533,7 @@ def monitor_seconds(ctx, arch):
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, 256, (bs * n, 3, 32, 32), dtype=torch.uint8, generator=g)
     y = torch.randint(0, 10, (bs * n,), generator=g)
-    cfg = common.MONITORS["pgd20-monitor"]
+    cfg = rslad.MONITORS["pgd20-monitor"]
     common.monitor(model, common.DeviceLoader(x[:bs], y[:bs], bs, train=False, device=ctx.device), cfg)
     loader = common.DeviceLoader(x, y, bs, train=False, device=ctx.device)
     start = time.perf_counter()

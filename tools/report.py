@@ -54,13 +54,12 @@ METHOD_KEYS = ("script", "dataset", "variant", "combo", "method", "reg", "recipe
 
 # The checkpoint flags each training script requires: its defaults are read with placeholders there.
 PLACEHOLDERS = {"rslad": ["--teacher", "-"], "ard": ["--teacher", "-"], "iad": ["--teacher", "-"],
-                "mtard": ["--adv-teacher", "-", "--nat-teacher", "-"], "ardir": ["--teacher", "-"],
+                "mtard": ["--teacher", "-", "--nat-teacher", "-"], "ardir": ["--teacher", "-"],
                 "adt_aodt": [], "train_teacher": []}
-TEACHERS = {"teacher": "teacher", "teacher_st": "standard teacher", "adv_teacher": "adversarial teacher",
-            "nat_teacher": "natural teacher", "peer": "peer"}
+TEACHERS = {"teacher": "teacher", "nat_teacher": "natural teacher", "peer": "peer"}
 # The teacher architecture of the paper where a row's flags do not name it: each script's default for a
 # file that does not say (docs/iad.md, ardir.md, adt_aodt.md §4). Compared only where the run has that teacher.
-PAPER_TEACHER_ARCH = {("iad", "teacher_st_arch"): "resnet18", ("ardir", "teacher_arch"): "preact_resnet18",
+PAPER_TEACHER_ARCH = {("iad", "nat_teacher_arch"): "resnet18", ("ardir", "teacher_arch"): "preact_resnet18",
                       ("adt_aodt", "teacher_arch"): ["wrn34_10"]}
 # Not part of the setting: where things are, where and how verbosely it ran, records of files; a seed is one
 # draw of the same setting.
@@ -70,7 +69,7 @@ BOOKKEEPING = {"script", "env", "resumes", "data_dir", "runs_dir", "device", "pr
 SPEED = ("amp", "compile", "compile_mode", "channels_last", "no_tf32", "deterministic", "monitor_tf32")
 # The differences named first, in this order; the other flags follow in the order of args.json.
 FIRST = ("epochs", "iterations", "train_subset", "batch_size", "lr", "lr_schedule", "lr_milestones", "dataset",
-         "arch", "teacher_arch", "teacher_st_arch", "adv_teacher_arch", "nat_teacher_arch", "peer_arch")
+         "arch", "teacher_arch", "nat_teacher_arch", "peer_arch")
 # Smoke scale: a student this small, fewer epochs or fewer training images than these.
 SMOKE_ARCHS = ("cnn_small",)
 SMOKE_EPOCHS = 10
@@ -225,7 +224,7 @@ def _script_defaults(script, argv):
         return argv[argv.index(flag) + 1] if flag in argv[:-1] else default
     fill = list(PLACEHOLDERS[script])
     if script == "iad" and given("--variant") in ("iad2", "akd2"):
-        fill += ["--teacher-st", "-"]
+        fill += ["--nat-teacher", "-"]
     if script == "adt_aodt" and given("--method", "adt") == "adt":
         fill += ["--teacher", "wrn34_10:-"]
     if str(ROOT) not in sys.path:
@@ -301,7 +300,7 @@ def teacher_files(result):
     if specs and str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
     for i, spec in enumerate(specs if isinstance(specs, list) else []):
-        _, path, _ = importlib.import_module("adt_aodt").parse_member(str(spec))  # ARCH:CKPT[:NORM] as recorded
+        _, path, _ = importlib.import_module("common").parse_model_spec(str(spec), "--teacher")  # ARCH:CKPT[:NORM]
         entry = {"path": path, "found": Path(path).is_file()}
         hashes = args.get("teacher_sha256") or []
         if entry["found"] and i < len(hashes):
