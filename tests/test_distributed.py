@@ -1,6 +1,7 @@
 """torchrun on CPU (gloo, 2 processes) against one process: the global batch, BatchNorm per rank or
 synchronised, the monitor's exact numbers, and --resume under torchrun."""
 
+import json
 import subprocess
 import sys
 
@@ -129,3 +130,14 @@ def test_eval_under_two_ranks_gives_the_same_numbers_and_flags(cifar_dir, tmp_pa
         assert {k: v for k, v in ra.items() if k not in drop} == {k: v for k, v in rb.items() if k not in drop}, name
     flags = a["attacks"]["aa_fast"]["robust_flags"]
     assert flags == b["attacks"]["aa_fast"]["robust_flags"] and 0 < sum(flags) < 40  # a real attack on both
+
+
+def test_main_gives_every_rank_rank_0s_batchnorm_buffers_before_each_step(cifar_dir, teacher_ckpt, tmp_path):
+    """rslad.py's main() under torchrun (BatchNorm per rank): at each of the 4 steps every rank holds rank 0's
+    buffers, as nn.DataParallel's replicas held device 0's; without the sync in the loop the ranks' statistics
+    part after the first step (each rank normalises its own slice)."""
+    torchrun(ROOT / "tests" / "ddp_main_worker.py", "rslad", tmp_path / "same.json", "--teacher", teacher_ckpt,
+             "--arch", "cnn_small", "--train-subset", "64", "--test-subset", "16", "--batch-size", "32",
+             "--attack-steps", "1", "--epochs", "2", "--device", "cpu", "--data-dir", cifar_dir,
+             "--runs-dir", tmp_path / "runs", tmp_path=tmp_path)
+    assert json.loads((tmp_path / "same.json").read_text()) == [True] * 4

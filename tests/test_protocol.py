@@ -227,8 +227,14 @@ def test_best_pt_is_the_first_epoch_with_the_highest_monitored_value(c, cifar_di
     epoch), clean and robust alike; before training (the teachers' measurement) it answers 0.9."""
     def scripted(model, loader, attack, *args, **kwargs):
         value = SCRIPTED[len(step_lrs) // 2 - 1] if step_lrs else 0.9
-        return {"clean": value, "robust": None if attack is None else value, "seconds": 0.0}
+        return {"clean": value, "robust": None if attack is None else value, "classes": 10, "seconds": 0.0}
     monkeypatch.setattr(common, "monitor", scripted)
+    models, save_last = {}, common.Run.save_last
+
+    def save_last_and_keep_the_model(self, model, optimizer, record, *args, **kwargs):  # the epoch's model
+        save_last(self, model, optimizer, record, *args, **kwargs)
+        models[record["epoch"]] = torch.load(self.dir / "last.pt", weights_only=True)["model"]
+    monkeypatch.setattr(common.Run, "save_last", save_last_and_keep_the_model)
     module = import_module(c["script"])
     runs = tmp_path / "runs"
     module.main([*TINY, *c["argv"](str(teacher_ckpt)), "--eval-every", "1", "--data-dir", str(cifar_dir),
@@ -237,6 +243,32 @@ def test_best_pt_is_the_first_epoch_with_the_highest_monitored_value(c, cifar_di
     lines = [m for m in read_metrics(run) if m["epoch"] >= 1]
     assert [(m["best_epoch"], m["best_value"]) for m in lines] == [(1, 0.3), (2, 0.5), (2, 0.5)]
     best = torch.load(run / "best.pt", weights_only=True)
-    assert (best["epoch"], best["select"]["value"], best["select"]["epoch"]) == (2, 0.5, 2)
+    assert (best["epoch"], best["select"]["value"], best["select"]["epoch"], best["metrics"]["epoch"]) == (2, 0.5, 2, 2)
+    assert best["model"].keys() == models[2].keys() and all(torch.equal(best["model"][k], models[2][k])
+                                                            for k in models[2])  # epoch 2's weights, not epoch 3's
+    assert not all(torch.equal(models[2][k], models[3][k]) for k in models[2])
     last = torch.load(run / "last.pt", weights_only=True)
     assert last["epoch"] == 3 and (last["select"]["best_epoch"], last["select"]["best_value"]) == (2, 0.5)
+
+
+def test_a_constant_classifier_at_two_monitored_epochs_is_reported(cifar_dir, teacher_ckpt, tmp_path, monkeypatch,
+                                                                    step_lrs, capsys):
+    """Epoch 1 predicts every class, epochs 2 and 3 one class: a warning line and a `warning` in metrics.jsonl at
+    epoch 3 only (two monitored epochs in a row), and the run goes on to its end."""
+    answers = [(0.3, 0.1, 10), (0.1, 0.1, 1), (0.1, 0.1, 1)]  # clean, robust, classes predicted
+
+    def scripted(model, loader, attack, *args, **kwargs):
+        clean, robust, classes = answers[len(step_lrs) // 2 - 1] if step_lrs else (0.9, 0.5, 10)
+        return {"clean": clean, "robust": robust, "classes": classes, "seconds": 0.0}
+    monkeypatch.setattr(common, "monitor", scripted)
+    import ard
+    runs = tmp_path / "runs"
+    ard.main([*TINY, "--teacher", str(teacher_ckpt), *ATTACK, "--data-dir", str(cifar_dir), "--runs-dir", str(runs)])
+    (run,) = runs.iterdir()
+    lines = [m for m in read_metrics(run) if m["epoch"] >= 1]
+    assert [m.get("warning") for m in lines[:2]] == [None, None]
+    want = ("a constant classifier at epochs 2 and 3: one class predicted for every test image, clean 10.00%, "
+            "robust 10.00% (chance 10.00%); the run goes on")
+    assert lines[2]["warning"] == want and lines[2]["test_classes"] == 1
+    assert capsys.readouterr().out.count(f"warning: {want}") == 1
+    assert (run / "last.pt").exists()
