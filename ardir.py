@@ -353,7 +353,8 @@ def main(argv=None):
         metrics = run.train_metrics(epoch, totals, n_seen, optimizer, student)
         if common.is_monitor_epoch(args, epoch):
             m = common.monitor(student, test_data, attack, tf32=args.monitor_tf32)
-            metrics.update(test_clean=m["clean"], test_robust=m["robust"], monitor_seconds=round(m["seconds"], 2))
+            metrics.update(test_clean=m["clean"], test_robust=m["robust"], test_classes=m["classes"],
+                           monitor_seconds=round(m["seconds"], 2))
             if best["value"] is None or m["robust"] > best["value"]:  # strictly greater: a tie keeps the earlier epoch
                 best = {"epoch": epoch, "value": m["robust"]}
         record = run.log_epoch(epoch, metrics, best, seconds=timer.seconds)

@@ -1802,7 +1802,7 @@ class Run:
             while self.dir.exists():
                 i += 1
                 self.dir = base.with_name(f"{base.name}-{i}")
-        self.epoch_walls, self.images = [], None
+        self.epoch_walls, self.images, self._constant_at = [], None, None
         self._epoch_start, self._said_selection = None, False
         # --tensorboard: fails here, before anything is written, when the package is missing
         self.tb_class, self.tb = (summary_writer_class() if getattr(args, "tensorboard", False) else None), None
@@ -1933,11 +1933,33 @@ class Run:
             if self.images:
                 record["images_per_s"] = round(self.images / seconds, 1)
         record["best_epoch"], record["best_value"] = best["epoch"], best["value"]
+        warning = self._constant_classifier(record)
+        if warning:
+            record["warning"] = warning
         self.log(record)
         if self._epoch_start is not None:
             self.epoch_walls.append(time.perf_counter() - self._epoch_start)  # training and monitor
         say(self._progress(record, self.args.epochs))
+        if warning:
+            say(f"  warning: {warning}")
         return record
+
+    def _constant_classifier(self, record):
+        """A warning (not an error) when the monitor found a constant classifier at this monitored epoch and at
+        the one before: one class predicted for every test image, or clean accuracy equal to robust accuracy
+        near chance (below twice chance)."""
+        if "test_clean" not in record:
+            return None
+        clean, robust = record["test_clean"], record.get("test_robust")
+        chance = 1 / DATASETS[self.args.dataset]
+        constant = record.get("test_classes") == 1 or (robust == clean and clean < 2 * chance)
+        previous, self._constant_at = self._constant_at, record["epoch"] if constant else None
+        if not (constant and previous):
+            return None
+        return (f"a constant classifier at epochs {previous} and {record['epoch']}: "
+                + ("one class predicted for every test image, " if record.get("test_classes") == 1 else "")
+                + f"clean {100 * clean:.2f}%" + ("" if robust is None else f", robust {100 * robust:.2f}%")
+                + f" (chance {100 * chance:.2f}%); the run goes on")
 
     def _select(self, best):
         """What selected the checkpoint: the monitor, and `best["name"]` when the value is not its robust
@@ -2060,8 +2082,9 @@ def _monitor_pgd(model, x, y, eps, steps, step, start, loss, noise, bn="eval"):
 def monitor(model, loader, attack, seed=0, tf32=False):
     """Clean and robust test accuracy (fractions of all points), fp32 (TF32 only with `tf32`: --monitor-tf32),
     eval() mode. `attack` is a method file's MONITORS entry: dict(eps, steps, step, start ("uniform" or
-    "uniform-clamp"), loss ("ce_sum" or "ce_mean"), bn="eval"); None = clean only. Also returns the
-    seconds it took (device work included).
+    "uniform-clamp"), loss ("ce_sum" or "ce_mean"), bn="eval"); None = clean only. Also returns how many
+    classes the clean predictions take ("classes": 1 for a constant classifier) and the seconds it took
+    (device work included).
 
     The random starts come from a generator seeded with `seed` (the same noise at every call, and no
     draw from the training run's generator). Under torchrun every rank first takes rank 0's BatchNorm
@@ -2076,6 +2099,8 @@ def monitor(model, loader, attack, seed=0, tf32=False):
     rank, world_size = world()
     g = torch.Generator(device=loader.device).manual_seed(epoch_seed(seed, 0))
     counts = torch.zeros(3, dtype=torch.float64, device=loader.device)  # clean, robust, n
+    heads = [m.out_features for m in unwrap(model).modules() if isinstance(m, nn.Linear)]
+    predicted = torch.zeros(heads[-1] if heads else 0, dtype=torch.float64, device=loader.device)  # per class
     pad_to = loader.batch_size if hasattr(model, "_orig_mod") else 0
     with EpochTimer(loader.device) as timer, fp32_eval(model, tf32):
         for b, (x, y) in enumerate(loader):
@@ -2086,14 +2111,18 @@ def monitor(model, loader, attack, seed=0, tf32=False):
             if n < pad_to:
                 x, y, noise = (None if t is None else _pad_batch(t, pad_to, loader.memory_format) for t in (x, y, noise))
             with torch.no_grad():
-                counts[0] += (model(x).argmax(1) == y)[:n].sum()
+                pred = model(x).argmax(1)[:n]
+            counts[0] += (pred == y[:n]).sum()
+            predicted += torch.bincount(pred, minlength=len(predicted))[:len(predicted)]
             if attack is not None:
                 x_adv = _monitor_pgd(model, x, y, **attack, noise=noise)
                 with torch.no_grad():
                     counts[1] += (model(x_adv).argmax(1) == y)[:n].sum()
             counts[2] += n
-        clean, robust, n = all_sum(counts).tolist()
-    return {"clean": clean / n, "robust": robust / n if attack is not None else None, "seconds": timer.seconds}
+        totals = all_sum(torch.cat([counts, predicted])).tolist()
+    clean, robust, n = totals[:3]
+    return {"clean": clean / n, "robust": robust / n if attack is not None else None,
+            "classes": sum(c > 0 for c in totals[3:]) if heads else None, "seconds": timer.seconds}
 
 
 def _pad_batch(t, size, memory_format):

@@ -289,7 +289,7 @@ def main(argv=None):
             m = common.monitor(student, test_data, attack, tf32=args.monitor_tf32)
             wrobust = (m["clean"] + m["robust"]) / 2  # MTARD W-Robust
             metrics.update(test_clean=m["clean"], test_robust=m["robust"], test_wrobust=wrobust,
-                           monitor_seconds=round(m["seconds"], 2))
+                           test_classes=m["classes"], monitor_seconds=round(m["seconds"], 2))
             if args.select == "wrobust":  # B-MTARD ranks W-Robust
                 if best["value"] is None or wrobust > best["value"]:  # strictly greater: a tie keeps the earlier epoch
                     best = {"epoch": epoch, "value": wrobust, "name": "W-Robust"}

@@ -301,7 +301,8 @@ def main(argv=None):
         metrics = {**run.train_metrics(epoch, totals, n_seen, optimizer, student), "train_acc": float(correct) / n_seen}
         if common.is_monitor_epoch(args, epoch):
             m = common.monitor(student, test_data, attack, tf32=args.monitor_tf32)
-            metrics.update(test_clean=m["clean"], test_robust=m["robust"], monitor_seconds=round(m["seconds"], 2))
+            metrics.update(test_clean=m["clean"], test_robust=m["robust"], test_classes=m["classes"],
+                           monitor_seconds=round(m["seconds"], 2))
             value = m["clean"] if attack is None else m["robust"]  # the clean monitor ranks the clean accuracy
             if best["value"] is None or value > best["value"]:  # strictly greater: a tie keeps the earlier epoch
                 best = {"epoch": epoch, "value": value}

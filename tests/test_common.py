@@ -362,15 +362,17 @@ def test_monitor_counts_like_an_independent_loop(cifar_dir):
     gen = torch.Generator().manual_seed(common.epoch_seed(7, 0))
     model.eval()
     clean = robust = 0
+    classes = set()
     for xb, yb in loader:
         clean += (model(xb).argmax(1) == yb).sum().item()
+        classes |= set(model(xb).argmax(1).tolist())
         xa = (xb + torch.empty_like(xb).uniform_(-8 / 255, 8 / 255, generator=gen)).clamp(0, 1)
         for _ in range(5):
             xa.requires_grad_(True)
             g, = torch.autograd.grad(F.cross_entropy(model(xa), yb), xa)
             xa = torch.min(torch.max(xa.detach() + 0.003 * g.sign(), xb - 8 / 255), xb + 8 / 255).clamp(0, 1)
         robust += (model(xa).argmax(1) == yb).sum().item()
-    assert got == {"clean": clean / len(y), "robust": robust / len(y)}
+    assert got == {"clean": clean / len(y), "robust": robust / len(y), "classes": len(classes)}
     assert robust < clean
     assert torch.equal(model.layer1[1].running_mean, bn_before)  # eval() mode: statistics untouched
     model.train()
