@@ -1836,7 +1836,7 @@ class Run:
         sel = ck.get("select") or {}
         best = {"epoch": sel.get("best_epoch"), "value": sel.get("best_value"),
                 **({"name": sel["value_name"]} if sel.get("value_name") else {})}
-        epoch = ck["epoch"]
+        epoch, self._constant_at = ck["epoch"], ck.get("constant_at")
         if is_main():
             for stale in self.dir.glob(".*.tmp"):  # a write cut short by the kill
                 _remove(stale)
@@ -1986,7 +1986,7 @@ class Run:
             ck = checkpoint_dict(model, kind="last", epoch=record["epoch"], dataset=self.args.dataset,
                                  args=self.args_json, metrics=record, select=select, optimizer=optimizer,
                                  extra=extra, peer=peer)
-            ck["rng"] = states[0]
+            ck["rng"], ck["constant_at"] = states[0], self._constant_at  # constant_at: for the warning on resume
             if len(states) > 1:
                 ck["rng_ranks"] = states
             save_checkpoint(self.dir / "last.pt", ck)

@@ -5,7 +5,7 @@ main() wires them together: a main() that sets a constant lr instead of calling 
 decay 0 to SGD, or monitors with 10 PGD steps instead of 20, passes all of them. Here each script
 runs once as a user types it (in-process main(argv), tiny synthetic data, 3 epochs, the lr
 milestones moved into the run), and what the run wrote is checked against the papers' numbers,
-written out below from shared/spec/ (never imported from the code):
+written out below as the docs/<script>.md pages state them (never imported from the code):
 
 - metrics.jsonl: the lr of each epoch (initial lr x 0.1 after each milestone), and which epochs the
   monitor ran (the lines with test_clean / test_robust); a global optimiser step hook: the lr each
@@ -36,7 +36,7 @@ TINY = ["--arch", "cnn_small", "--train-subset", "64", "--test-subset", "32", "-
         "--device", "cpu", "--epochs", str(EPOCHS), *MILESTONES]
 ATTACK = ["--attack-steps", "1"]  # the training attack only; the monitor keeps the paper's steps
 
-# The monitors' attacks as the specs define them (shared/spec/common.md §7, table of named configurations;
+# The monitors' attacks as docs/common.md §7 defines them (its table of named configurations;
 # the student is always in eval() mode there: "One routine: model in eval() mode").
 PGD10_ARD = dict(eps=8 / 255, steps=10, step=2 / 255, start="uniform", loss="ce_sum", bn="eval")
 PGD20_MONITOR = dict(eps=8 / 255, steps=20, step=0.003, start="uniform-clamp", loss="ce_mean", bn="eval")
@@ -49,78 +49,78 @@ EVERY_EPOCH = dict(eval_every=1, eval_all_from=None, eval_first=False)
 
 def case(id, script, argv, *, wd, monitor, attack, schedule, monitored, source, models=1, groups=None):
     """One configuration: `argv(teacher)` gives its own flags (after TINY: they win); the rest is what the
-    spec (`source`, in shared/spec/) says."""
+    page `source` says."""
     return pytest.param(dict(script=script, argv=argv, wd=wd, monitor=monitor, attack=attack, schedule=schedule,
                              monitored=monitored, models=models, groups=groups, source=source), id=id)
 
 
 CASES = [
-    # rslad.md §3: lr 0.1, momentum 0.9, wd 2e-4; pgd20-monitor at epochs 20, 40, ..., 200 and every epoch
+    # docs/rslad.md §3: lr 0.1, momentum 0.9, wd 2e-4; pgd20-monitor at epochs 20, 40, ..., 200 and every epoch
     # from 215 (--eval-every 20 --eval-all-from 215), plus the last: epoch 3 only in a 3-epoch run
     case("rslad", "rslad", lambda t: ["--teacher", t, *ATTACK],
          wd=2e-4, monitor="pgd20-monitor", attack=PGD20_MONITOR,
-         schedule=dict(eval_every=20, eval_all_from=215, eval_first=False), monitored=[3], source="rslad.md §3"),
-    # ard.md §3: 0.1, 0.9, 2e-4; monitor pgd10-ard every epoch (test() in main.py)
+         schedule=dict(eval_every=20, eval_all_from=215, eval_first=False), monitored=[3], source="docs/rslad.md §3"),
+    # docs/ard.md §3: 0.1, 0.9, 2e-4; monitor pgd10-ard every epoch (test() in main.py)
     case("ard", "ard", lambda t: ["--teacher", t, *ATTACK],
          wd=2e-4, monitor="pgd10-ard", attack=PGD10_ARD, schedule=EVERY_EPOCH, monitored=[1, 2, 3],
-         source="ard.md §3"),
-    # iad.md §3: 0.1, 0.9, 2e-4; monitor pgd10-ard every epoch, for every variant
+         source="docs/ard.md §3"),
+    # docs/iad.md §3: 0.1, 0.9, 2e-4; monitor pgd10-ard every epoch, for every variant
     case("iad-iad1", "iad", lambda t: ["--variant", "iad1", "--teacher", t, *ATTACK],
          wd=2e-4, monitor="pgd10-ard", attack=PGD10_ARD, schedule=EVERY_EPOCH, monitored=[1, 2, 3],
-         source="iad.md §3"),
+         source="docs/iad.md §3"),
     case("iad-iad2", "iad",
          lambda t: ["--variant", "iad2", "--teacher", t, "--nat-teacher", t, *ATTACK],
          wd=2e-4, monitor="pgd10-ard", attack=PGD10_ARD, schedule=EVERY_EPOCH, monitored=[1, 2, 3],
-         source="iad.md §3"),
-    # mtard.md §3: 0.1, 0.9, 2e-4; pgd20-monitor at epoch 1, every 20 epochs, every epoch from 215
+         source="docs/iad.md §3"),
+    # docs/mtard.md §3: 0.1, 0.9, 2e-4; pgd20-monitor at epoch 1, every 20 epochs, every epoch from 215
     # (--eval-first --eval-every 20 --eval-all-from 215), plus the last: epochs 1 and 3
     case("mtard", "mtard", lambda t: ["--teacher", t, "--nat-teacher", t, *ATTACK],
          wd=2e-4, monitor="pgd20-monitor", attack=PGD20_MONITOR,
-         schedule=dict(eval_every=20, eval_all_from=215, eval_first=True), monitored=[1, 3], source="mtard.md §3"),
-    # ardir.md §3: 0.1, 0.9, **5e-4** (§4.1); monitor pgd20-sat every epoch, 20 steps x 2/255 on CIFAR-10
+         schedule=dict(eval_every=20, eval_all_from=215, eval_first=True), monitored=[1, 3], source="docs/mtard.md §3"),
+    # docs/ardir.md §3: 0.1, 0.9, **5e-4** (§4.1); monitor pgd20-sat every epoch, 20 steps x 2/255 on CIFAR-10
     # (D-ARDIR-6). cnn_small has no layer4 (tests/test_ardir.py)
     case("ardir", "ardir", lambda t: ["--teacher", t, "--ir-layers", "layer1,layer2,layer3", *ATTACK],
          wd=5e-4, monitor="pgd20-sat", attack=PGD20_SAT, schedule=EVERY_EPOCH, monitored=[1, 2, 3],
-         source="ardir.md §3"),
-    # adt_aodt.md §3: 0.1, 0.9, 2e-4; monitor fgsm20-trades (eps 0.031, 20 x 0.003) every epoch (D-ADT-8);
+         source="docs/ardir.md §3"),
+    # docs/adt_aodt.md §3: 0.1, 0.9, 2e-4; monitor fgsm20-trades (eps 0.031, 20 x 0.003) every epoch (D-ADT-8);
     # AODT: one SGD over M^r and the peer M^n with the same hyper-parameters (D-ADT-3)
     case("adt", "adt_aodt", lambda t: ["--method", "adt", "--teacher", t, *ATTACK],
          wd=2e-4, monitor="fgsm20-trades", attack=FGSM20_TRADES, schedule=EVERY_EPOCH, monitored=[1, 2, 3],
-         source="adt_aodt.md §3"),
+         source="docs/adt_aodt.md §3"),
     case("aodt", "adt_aodt", lambda t: ["--method", "aodt", "--peer-arch", "cnn_small", *ATTACK],
          wd=2e-4, monitor="fgsm20-trades", attack=FGSM20_TRADES, schedule=EVERY_EPOCH, monitored=[1, 2, 3],
-         models=2, source="adt_aodt.md §3, D-ADT-3"),
-    # teachers.md §1: every recipe SGD lr 0.1, momentum 0.9; monitor every epoch (pass)
+         models=2, source="docs/adt_aodt.md §3, D-ADT-3"),
+    # docs/train_teacher.md §1: every recipe SGD lr 0.1, momentum 0.9; monitor every epoch (pass)
     case("teacher-natural-rslad", "train_teacher", lambda t: ["--recipe", "natural-rslad"],
-         wd=2e-4, monitor="clean", attack=None, schedule=EVERY_EPOCH, monitored=[1, 2, 3], source="teachers.md §1.1"),
+         wd=2e-4, monitor="clean", attack=None, schedule=EVERY_EPOCH, monitored=[1, 2, 3], source="docs/train_teacher.md §1.1"),
     case("teacher-natural-iad", "train_teacher", lambda t: ["--recipe", "natural-iad"],
-         wd=2e-4, monitor="clean", attack=None, schedule=EVERY_EPOCH, monitored=[1, 2, 3], source="teachers.md §1.2"),
+         wd=2e-4, monitor="clean", attack=None, schedule=EVERY_EPOCH, monitored=[1, 2, 3], source="docs/train_teacher.md §1.2"),
     case("teacher-natural-ardir", "train_teacher", lambda t: ["--recipe", "natural-ardir"],
-         wd=5e-4, monitor="clean", attack=None, schedule=EVERY_EPOCH, monitored=[1, 2, 3], source="teachers.md §1.3"),
+         wd=5e-4, monitor="clean", attack=None, schedule=EVERY_EPOCH, monitored=[1, 2, 3], source="docs/train_teacher.md §1.3"),
     # sat-madry: iteration-based; 64 images / 32 = 2 iterations a pass (remainder dropped), so milestones 2 and 4
     # iterations give the passes' final lrs 0.1, 0.01, 0.001. wd 2e-4 on conv and linear weights only, 0 on
     # the rest (Madry's DW variables): two groups
     case("teacher-sat-madry", "train_teacher",
          lambda t: ["--recipe", "sat-madry", *ATTACK, "--lr-milestones", "2", "4"],
          wd=2e-4, monitor="pgd20-monitor", attack=PGD20_MONITOR, schedule=EVERY_EPOCH, monitored=[1, 2, 3],
-         groups="madry", source="teachers.md §1.4"),
+         groups="madry", source="docs/train_teacher.md §1.4"),
     case("teacher-sat-iad", "train_teacher", lambda t: ["--recipe", "sat-iad", *ATTACK],
          wd=2e-4, monitor="pgd10-madry", attack=PGD10_MADRY, schedule=EVERY_EPOCH, monitored=[1, 2, 3],
-         source="teachers.md §1.5"),
+         source="docs/train_teacher.md §1.5"),
     case("teacher-sat-ardir", "train_teacher", lambda t: ["--recipe", "sat-ardir", *ATTACK],
          wd=5e-4, monitor="pgd20-sat", attack=PGD20_SAT, schedule=EVERY_EPOCH, monitored=[1, 2, 3],
-         source="teachers.md §1.6"),
+         source="docs/train_teacher.md §1.6"),
     case("teacher-trades", "train_teacher", lambda t: ["--recipe", "trades", *ATTACK],
          wd=2e-4, monitor="pgd20-monitor", attack=PGD20_MONITOR, schedule=EVERY_EPOCH, monitored=[1, 2, 3],
-         source="teachers.md §1.7, D-TEACH-9"),
+         source="docs/train_teacher.md §1.7, D-TEACH-9"),
     case("teacher-trades-iad", "train_teacher", lambda t: ["--recipe", "trades-iad", *ATTACK],
          wd=2e-4, monitor="pgd10-madry", attack=PGD10_MADRY, schedule=EVERY_EPOCH, monitored=[1, 2, 3],
-         source="teachers.md §1.8"),
+         source="docs/train_teacher.md §1.8"),
 ]
 
 
 def check_attack(got, want):
-    """`got` (a monitor configuration) is the spec's attack `want`: same keys, floats to 1e-9 relative."""
+    """`got` (a monitor configuration) is the documented attack `want`: same keys, floats to 1e-9 relative."""
     assert isinstance(got, dict) and set(got) == set(want), got
     for k, v in want.items():
         assert got[k] == (pytest.approx(v, rel=1e-9) if isinstance(v, float) else v), (k, got[k], v)
