@@ -6,7 +6,7 @@ naturally trained teacher (an ensemble: the mean of its members' logits); in AOD
 trained from scratch jointly with M^r, by one SGD over both models. No label enters ADT's loss.
 
     ADT   L = MSE(M^r(x'), sg(M^n(x)))                                                     ADT Eq. 2
-    AODT  L = MSE(M^r(x'), M^n(x)) + β · CE(M^n(x), y)                β = 1, no detach    ADT Eq. 3
+    AODT  L = MSE(M^r(x'), sg(M^n(x))) + β · CE(M^n(x), y)            β = 1               ADT Eq. 3, D-ADT-2
     +ALP     + α · MSE(M^r(x'), M^r(x))                               α = 1               ADT Eq. 4
     +TRADES  + α · KL(σ(M^r(x)) ‖ σ(M^r(x')))  and TRADES' KL attack  α = 0 or 6         ADT Eq. 5
     x' = argmax_{‖x'-x‖∞ ≤ 0.031} CE(M^r(x'), y)  ("noisy BIM", ADT Eq. 1; 10 steps of 0.007)
@@ -37,7 +37,7 @@ Smoke run on CPU:
 
 Where the paper, the code and this script part ways (flag for the alternative):
     D-ADT-1   MSE averaged over batch and classes (F.mse_loss)                          --mse-reduction sum-classes
-    D-ADT-2   AODT detaches nothing: the MSE also trains the peer                       --detach-peer
+    D-ADT-2   AODT: L trains M^r only, the peer learns from β·CE (its target detached in L) --no-detach-peer
     D-ADT-3   one SGD over M^r and the peer, same lr, schedule, momentum, weight decay
     D-ADT-4   CE attack summed, eval-mode BN, unclamped uniform start                   --attack-bn train, --rand-start
     D-ADT-5   teacher = mean of the members' logits; default the natural WRN-34-10 alone  repeat --teacher
@@ -50,6 +50,8 @@ Where the paper, the code and this script part ways (flag for the alternative):
 Decisions, defaults and their sources in full: docs/adt_aodt.md. Official code: none; "the code" is the one the
 paper builds on, yaodongyu/TRADES@6e8e11b (trades.py, train_trades_cifar10.py), the reference for every gap.
 """
+
+import argparse
 
 import torch
 import torch.nn as nn
@@ -90,8 +92,10 @@ def parse_args(argv=None):
                         "CIFAR-100; D-ADT-6)")
     g.add_argument("--peer-beta", type=common.parse_float, default=1.0,
                    help="AODT: weight beta of the peer's CE(M^n(x), y) (ADT Eq. 3)")
-    g.add_argument("--detach-peer", action="store_true",
-                   help="AODT: stop the gradient of L into the peer (one-way distillation; D-ADT-2)")
+    g.add_argument("--detach-peer", action=argparse.BooleanOptionalAction, default=True,
+                   help="AODT: the peer's logits are a constant target in L, so that L trains M^r only and the peer "
+                        "learns from beta*CE (D-ADT-2: --no-detach-peer, the joint reading of Eq. 3, collapses to a "
+                        "constant classifier in every setting tried, docs/adt_aodt.md §6) (default: on)")
     g = p.add_argument_group("inner maximisation (ADT §4 training details)")
     g.add_argument("--eps", type=common.parse_float, default="0.031", help="L-inf radius epsilon")
     g.add_argument("--attack-step", type=common.parse_float, default="0.007", help="PGD step size (eta_1)")
@@ -223,7 +227,7 @@ def mse(a, b, reduction):
 def distill_term(logits_adv, logits_teacher, y, args):
     """L of ADT Eq. 2-3 (O^r = M^r(x'), O^n = M^n(x)); for AODT one of the Table 5 choices (Eq. 6-9)."""
     if args.method == "adt" or args.detach_peer:
-        logits_teacher = logits_teacher.detach()  # ADT: sg(O^n), a fixed teacher; AODT: only with --detach-peer
+        logits_teacher = logits_teacher.detach()  # ADT: sg(O^n), a fixed teacher; AODT: unless --no-detach-peer
     choice = args.aodt_loss if args.method == "aodt" else "l1"
     if choice in ("l1", "l2"):
         terms = {"mse": mse(logits_adv, logits_teacher, args.mse_reduction)}  # Eq. 2 / Eq. 6

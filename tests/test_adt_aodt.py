@@ -38,7 +38,7 @@ TINY = ["--arch", "cnn_small", "--train-subset", "64", "--test-subset", "32", "-
 def test_defaults():
     a = args_for(adt_aodt)
     assert (a.method, a.reg, a.reg_weight, a.aodt_loss, a.mse_reduction, a.arch) == ("adt", "none", 0.0, "l1", "mean", "wrn34_10")
-    assert (a.peer_arch, a.peer_beta, a.detach_peer, a.temp, a.l3_beta) == (None, 1.0, False, 4.0, 0.1)
+    assert (a.peer_arch, a.peer_beta, a.detach_peer, a.temp, a.l3_beta) == (None, 1.0, True, 4.0, 0.1)  # D-ADT-2
     assert (a.eps, a.attack_step, a.attack_steps, a.attack_bn, a.rand_start) == (0.031, 0.007, 10, "eval", "uniform")
     assert (a.epochs, a.batch_size, a.lr, a.momentum, a.wd, a.lr_milestones) == (100, 128, 0.1, 0.9, 2e-4, [74, 89])
     assert (a.monitor, a.eval_every, a.seed, a.report) == ("fgsm20-trades", 1, 1, "last")
@@ -140,7 +140,7 @@ def test_adt_gives_the_teacher_no_gradient():
 
 @pytest.mark.parametrize("detach", [False, True])
 def test_aodt_peer_gradient_from_the_mse_unless_detached(detach):
-    a = args_for(adt_aodt, "--method", "aodt", *(["--detach-peer"] if detach else []))
+    a = args_for(adt_aodt, "--method", "aodt", *([] if detach else ["--no-detach-peer"]))
     o_adv, o_n = random_logits(8, 10, 1).requires_grad_(True), random_logits(8, 10, 2).requires_grad_(True)
     y = torch.arange(8)
     loss, _ = adt_aodt.loss_fn(o_adv, None, o_n, y, a)
@@ -309,10 +309,11 @@ def test_one_step_adt_alp_with_an_ensemble():
     check_first_step(student, terms, ref, loss, a.lr, a.wd)
 
 
+@pytest.mark.parametrize("detach", [True, False])
 @pytest.mark.parametrize("reg,choice", [("trades", "l1"), ("none", "l3")])
-def test_one_step_aodt_updates_both_models(reg, choice):
+def test_one_step_aodt_updates_both_models(reg, choice, detach):
     a = args_for(adt_aodt, "--method", "aodt", "--reg", reg, *(["--reg-weight", "6"] if reg == "trades" else []),
-                 "--aodt-loss", choice, "--attack-steps", "3")
+                 "--aodt-loss", choice, "--attack-steps", "3", *([] if detach else ["--no-detach-peer"]))
     student, peer, _, x, y = ledger_models("aodt")
     pair = nn.ModuleList([student, peer])
     ref = copy.deepcopy(pair)
@@ -324,14 +325,15 @@ def test_one_step_aodt_updates_both_models(reg, choice):
     s, p = ref
     x_adv = ref_attack(s, x, y, 3, 0.031, 0.007, trades=reg == "trades")
     o_n = p(x)
+    o_t = o_n.detach() if detach else o_n  # the peer's logits as L's target (D-ADT-2)
     o_r = s(x_adv)
     ce = lambda z: F.cross_entropy(z, y)
     if choice == "l1":
         o_nat = s(x)
         q = F.softmax(o_nat, 1)
-        loss = ((o_r - o_n) ** 2).mean() + ce(o_n) + 6 * (q * (torch.log(q) - F.log_softmax(o_r, 1))).sum() / len(y)
+        loss = ((o_r - o_t) ** 2).mean() + ce(o_n) + 6 * (q * (torch.log(q) - F.log_softmax(o_r, 1))).sum() / len(y)
     else:
-        kd = -(F.softmax(o_n / 4, 1) * F.log_softmax(o_r / 4, 1)).sum(1).mean()
+        kd = -(F.softmax(o_t / 4, 1) * F.log_softmax(o_r / 4, 1)).sum(1).mean()
         loss = 0.9 * ce(o_r) + 2 * 0.1 * 16 * kd + ce(o_n)
     check_first_step(pair, terms, ref, loss, a.lr, a.wd)
     assert not torch.equal(next(peer.parameters()), next(ref[1].parameters()))  # the peer did move
@@ -483,3 +485,21 @@ def test_help_states_each_default_once(capsys):
         assert entry.count("(default") <= 1 and "(default: None)" not in entry, entry
     for flag in ("--reg-weight", "--peer-arch", "--rand-start"):
         assert "(default: " in options[flag], options[flag]
+
+
+@pytest.mark.parametrize("detach", [True, False])
+def test_aodt_probe_logs_each_terms_gradient_per_model(detach, cifar_dir, tmp_path):
+    """tools/aodt_probe.py (docs/adt_aodt.md §6): one line per step with every term and the gradient norm it sends
+    to each model; the MSE sends the peer nothing unless --no-detach-peer."""
+    proc = run_script(ROOT / "tools" / "aodt_probe.py", "--out", tmp_path / "probe.jsonl", "--steps", "2", "--",
+                      "--arch", "cnn_small", "--peer-arch", "cnn_small", "--train-subset", "64", "--test-subset", "16",
+                      "--batch-size", "32", "--attack-steps", "1", "--epochs", "1", "--data-dir", cifar_dir,
+                      *([] if detach else ["--no-detach-peer"]), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [json.loads(line) for line in (tmp_path / "probe.jsonl").read_text().splitlines()]
+    steps, (end,) = rows[:-1], rows[-1:]
+    assert [r["step"] for r in steps] == [1, 2] and end["epoch_end"] == 1 and 1 <= end["robust_classes"] <= 10
+    for r in steps:
+        assert r["grad/mse/robust"] > 0 and r["grad/ce_peer/peer"] > 0 and r["grad/ce_peer/robust"] == 0
+        assert (r["grad/mse/peer"] == 0) is detach
+        assert r["loss"] == pytest.approx(r["mse"] + r["ce_peer"], rel=1e-5)
