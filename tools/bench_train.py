@@ -1,5 +1,5 @@
 """Time K training steps of a method's `train_step` at real sizes and report images/s, the FLOPs of one
-step (torch.utils.flop_counter, every forward and backward of the step's ledger), the achieved TFLOP/s
+step (torch.utils.flop_counter, every forward and backward pass of the step), the achieved TFLOP/s
 and the MFU against the device's peak, for the eager fp32 configuration and for the configuration the
 flags ask for, in one run, with their ratio. Models are randomly initialised: speed does not depend on
 the weights, and no checkpoint is needed.
@@ -96,7 +96,7 @@ def build(method, module, args, device):
     default = {"rslad": "dm_wrn70_16" if c100 else "wrn34_10", "ard": "dm_wrn70_16" if c100 else "wrn34_10",
                "iad": "resnet18", "ardir": "preact_resnet18"}[method]
     teacher = frozen(args.teacher_arch or default, n, args, device)
-    if method == "iad":  # the step after the warm-up: the longest ledger
+    if method == "iad":  # the step after the warm-up: the most forward passes
         st = frozen(args.nat_teacher_arch or "resnet18", n, args, device) if args.variant in ("iad2", "akd2") else None
         epoch = (args.begin or 0) + 1
         return _with_student(lambda x, y: module.train_step(student, teacher, st, optimizer, x, y, epoch, args), student)
@@ -208,7 +208,7 @@ def main(argv=None):
     flops = base["flops"]
     print(f"{ours.method}: student {a.arch}, batch {a.batch_size}, device {base['device']}"
           f"{' (' + torch.cuda.get_device_name(base['device']) + ')' if base['device'].type == 'cuda' else ''}")
-    print(f"FLOPs of one training step (every pass of the ledger, forward and backward): {flops} ({flops:.3e})")
+    print(f"FLOPs of one training step (every forward and backward pass): {flops} ({flops:.3e})")
     report("eager fp32", base, flops)
     report("requested", fast, flops)
     print(f"speed-up of the requested configuration over eager fp32: {fast['images_per_s'] / base['images_per_s']:.2f}x"

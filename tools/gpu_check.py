@@ -92,7 +92,7 @@ VARIANTS = (
     ("train_teacher", ["--recipe", "natural-rslad"]), ("train_teacher", ["--recipe", "sat-iad"]),
     ("train_teacher", ["--recipe", "trades"]),
 )
-# one per method for check 2: the longest ledger of each (iad1 after the warm-up, RA attacks the teacher too,
+# one per method for check 2: the step with the most forward passes of each (iad1 after the warm-up, RA attacks the teacher too,
 # AODT trains a peer)
 COMPILED_VARIANTS = (
     ("rslad", []), ("ard", []), ("iad", ["--variant", "iad1"]), ("mtard", []), ("ardir", ["--combo", "RA"]),
