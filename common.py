@@ -2113,7 +2113,7 @@ def monitor(model, loader, attack, seed=0, tf32=False):
             with torch.no_grad():
                 pred = model(x).argmax(1)[:n]
             counts[0] += (pred == y[:n]).sum()
-            predicted += torch.bincount(pred, minlength=len(predicted))[:len(predicted)]
+            predicted += (pred[:, None] == torch.arange(len(predicted), device=pred.device)).sum(0)  # no host sync
             if attack is not None:
                 x_adv = _monitor_pgd(model, x, y, **attack, noise=noise)
                 with torch.no_grad():
