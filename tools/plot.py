@@ -31,7 +31,7 @@ import math
 import sys
 from pathlib import Path
 
-SKIP = {"epoch", "seconds", "monitor_seconds", "best_epoch", "best_value", "diverged"}
+SKIP = {"epoch", "seconds", "monitor_seconds", "best_epoch", "best_value", "diverged", "test_classes"}
 ACCURACY_SUFFIXES = ("clean", "robust", "wrobust", "acc")
 COLUMNS = 3
 LEGEND_FONT = 9  # points: about 12 pixels at the default --dpi 100
