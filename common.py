@@ -58,14 +58,18 @@ def parse_float(text):
     return value
 
 
-def positive_int(text):
+def _int_at_least(text, low, rule):
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
+    if value < low:
+        raise argparse.ArgumentTypeError(f"{rule}: {text!r}")
     return value
+
+
+def positive_int(text):
+    return _int_at_least(text, 1, "must be positive")
 
 
 def _positive(v):
@@ -135,13 +139,7 @@ def positive_float(text):
 
 
 def non_negative_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0: {text!r}")
-    return value
+    return _int_at_least(text, 0, "must be >= 0")
 
 
 # Flags that may differ from the saved run on --resume: where things are (a moved data folder or
@@ -2101,6 +2099,7 @@ def monitor(model, loader, attack, seed=0, tf32=False):
     counts = torch.zeros(3, dtype=torch.float64, device=loader.device)  # clean, robust, n
     heads = [m.out_features for m in unwrap(model).modules() if isinstance(m, nn.Linear)]
     predicted = torch.zeros(heads[-1] if heads else 0, dtype=torch.float64, device=loader.device)  # per class
+    classes = torch.arange(len(predicted), device=loader.device)
     pad_to = loader.batch_size if hasattr(model, "_orig_mod") else 0
     with EpochTimer(loader.device) as timer, fp32_eval(model, tf32):
         for b, (x, y) in enumerate(loader):
@@ -2113,7 +2112,7 @@ def monitor(model, loader, attack, seed=0, tf32=False):
             with torch.no_grad():
                 pred = model(x).argmax(1)[:n]
             counts[0] += (pred == y[:n]).sum()
-            predicted += (pred[:, None] == torch.arange(len(predicted), device=pred.device)).sum(0)  # no host sync
+            predicted += (pred[:, None] == classes).sum(0)  # no host sync (torch.bincount reads its max back)
             if attack is not None:
                 x_adv = _monitor_pgd(model, x, y, **attack, noise=noise)
                 with torch.no_grad():
