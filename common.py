@@ -978,6 +978,7 @@ _REGISTRY = {
     "preact_resnet18": (PreActResNet18, {"shortcut_from": "act", "final_bn": False}),
     "mobilenet_v2": (MobileNetV2, {}),
     "wrn34_10": (WideResNet, {"depth": 34, "widen_factor": 10, "sub_block1": True}),
+    "wrn34_20": (WideResNet, {"depth": 34, "widen_factor": 20, "sub_block1": False}),  # Chen2021LTD_WRN34_20 (AdaAD)
     "dm_wrn70_16": (_dm(70, 16), {"padding": 0, "activation": "swish"}),
     "dm_wrn28_10": (_dm(28, 10), {"padding": 0, "activation": "swish"}),
     "dm_wrn34_20": (_dm(34, 20), {"padding": 0, "activation": "swish"}),
@@ -1361,7 +1362,7 @@ def warn_unrecorded(path, dataset, info):
 def _detect_switches(arch, sd, arch_kwargs):
     """Constructor switches that keys reveal (docs/common.md §4 step 4); explicit ones win."""
     kw = dict(arch_kwargs)
-    if arch == "wrn34_10":
+    if arch in ("wrn34_10", "wrn34_20"):
         kw.setdefault("sub_block1", any(k.startswith("sub_block1.") for k in sd))
     if arch == "preact_resnet18":
         kw.setdefault("final_bn", any(k.startswith("bn.") for k in sd))

@@ -52,7 +52,7 @@ def read_golden(stem):
 
 def test_arch_list():
     assert ARCHS == ("resnet18", "resnet50", "resnet152", "preact_resnet18", "mobilenet_v2", "wrn34_10",
-                     "dm_wrn70_16", "dm_wrn28_10", "dm_wrn34_20", "dm_wrn22_6", "resnet56", "cnn_small")
+                     "wrn34_20", "dm_wrn70_16", "dm_wrn28_10", "dm_wrn34_20", "dm_wrn22_6", "resnet56", "cnn_small")
 
 
 @pytest.mark.parametrize("arch", SPEC)
