@@ -236,6 +236,8 @@ REQUIRED_ARGV = {
     "adt_aodt": [],
     "mtard": ["--teacher", "a.pt", "--nat-teacher", "n.pt"],
     "train_teacher": [],
+    "adaad": ["--teacher", "t.pt"],
+    "peeraid": [],
 }
 
 # Flags required only by some values of another flag: script -> (flag, its default, {value: argv}).

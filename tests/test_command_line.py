@@ -404,7 +404,7 @@ def test_repository_does_not_point_at_the_internal_spec():
 # ---------------------------------------------------------------------------------------------
 
 def method_modules():
-    names = ["rslad", "ard", "iad", "mtard", "ardir", "adt_aodt"]
+    names = ["rslad", "ard", "iad", "mtard", "ardir", "adt_aodt", "adaad", "peeraid"]
     return [importlib.import_module(n) for n in names if (ROOT / f"{n}.py").exists()]
 
 

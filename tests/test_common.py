@@ -392,7 +392,7 @@ SPEC_MONITORS = {
 }
 
 
-@pytest.mark.parametrize("name", ["rslad", "ard", "iad", "mtard", "ardir", "adt_aodt", "train_teacher"])
+@pytest.mark.parametrize("name", ["rslad", "ard", "iad", "mtard", "ardir", "adt_aodt", "train_teacher", "adaad"])
 def test_each_script_states_its_monitors_as_the_spec(name):
     module = importlib.import_module(name)
     assert module.MONITORS and all(module.MONITORS[k] == SPEC_MONITORS[k] for k in module.MONITORS), module.MONITORS

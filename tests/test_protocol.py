@@ -90,6 +90,13 @@ CASES = [
     case("aodt", "adt_aodt", lambda t: ["--method", "aodt", "--peer-arch", "cnn_small", *ATTACK],
          wd=2e-4, monitor="fgsm20-trades", attack=FGSM20_TRADES, schedule=EVERY_EPOCH, monitored=[1, 2, 3],
          models=2, source="docs/adt_aodt.md §3, D-ADT-3"),
+    # docs/adaad.md §3: 0.1, 0.9, **5e-4** (main.py); monitor pgd10-madry (advertorch's PGD-10) every epoch
+    case("adaad", "adaad", lambda t: ["--teacher", t, *ATTACK],
+         wd=5e-4, monitor="pgd10-madry", attack=PGD10_MADRY, schedule=EVERY_EPOCH, monitored=[1, 2, 3],
+         source="docs/adaad.md §3"),
+    case("adaad-adaiad", "adaad", lambda t: ["--variant", "adaiad", "--teacher", t, "--begin", "1", *ATTACK],
+         wd=5e-4, monitor="pgd10-madry", attack=PGD10_MADRY, schedule=EVERY_EPOCH, monitored=[1, 2, 3],
+         source="docs/adaad.md §3"),
     # docs/train_teacher.md §1: every recipe SGD lr 0.1, momentum 0.9; monitor every epoch (pass)
     case("teacher-natural-rslad", "train_teacher", lambda t: ["--recipe", "natural-rslad"],
          wd=2e-4, monitor="clean", attack=None, schedule=EVERY_EPOCH, monitored=[1, 2, 3], source="docs/train_teacher.md §1.1"),
@@ -216,7 +223,7 @@ def test_main_runs_the_papers_protocol(c, cifar_dir, teacher_ckpt, tmp_path, mon
 # ---------------------------------------------------------------------------------------------
 
 SCRIPTED = [0.3, 0.5, 0.5]  # the monitor's value at epochs 1, 2, 3: best.pt = epoch 2 (a tie keeps the earlier)
-SELECTION_CASES = [c for c in CASES if c.id in ("rslad", "ard", "iad-iad2", "mtard", "ardir", "adt", "aodt",
+SELECTION_CASES = [c for c in CASES if c.id in ("rslad", "ard", "iad-iad2", "mtard", "ardir", "adt", "aodt", "adaad",
                                                   "teacher-natural-rslad", "teacher-trades")]
 
 
