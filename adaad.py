@@ -8,27 +8,27 @@ the teacher there (and, with α < 1, on the clean image):
     L  = α KL(σ(T(x')) ‖ σ(S(x'))) + (1 − α) KL(σ(T(x)) ‖ σ(S(x)))            main.py --method AdaAD
 --variant adaiad is the paper's AdaIAD, AdaAD's x' with IAD-I's introspective loss (main.py --method
 AdaAD_with_IAD1), after the warm-up (0-indexed epoch >= --begin):
-    L  = α τ² KL(σ_τ(T(x')) ‖ σ_τ(S(x'))) + α (1/B) Σ_i (1 − a_i) KL(σ(S(x_i)) ‖ σ(S(x'_i))) + (1 − α) CE(S(x), y)
+    L  = α τ² KL(σ_τ(T(x')) ‖ σ_τ(S(x'))) + α (1/B) Σ_i (1 − a_i) KL(σ(S(x_i)) ‖ σ(S(x'_i)))
+         + (1 − α) CE(S(x), y)
     a_i = σ(T(x'_i))_{y_i}^β, a constant; before the warm-up the middle term is absent.
 
-Headline command (CIFAR-10, ResNet-18 student, RobustBench's Chen2021LTD WRN-34-20 teacher, no normalisation):
+Headline commands (CIFAR-10, ResNet-18 student, RobustBench's Chen2021LTD WRN-34-20 teacher):
     python adaad.py --teacher rb:Chen2021LTD_WRN34_20          (pip install -r requirements-robustbench.txt)
     python adaad.py --teacher Chen2021LTD_34_20.pt             (the same file, downloaded by hand; wrn34_20)
     python adaad.py --variant adaiad --teacher rb:Chen2021LTD_WRN34_20                      AdaIAD
     python adaad.py --dataset cifar100 --teacher rb:Chen2021LTD_WRN34_10                    CIFAR-100 (wrn34_10)
-Published numbers and their commands: docs/adaad.md §5 (AdaAD Tables 1-2; ResNet-18 and MobileNetV2).
-Evaluate with: python eval_attacks.py runs/<run>/best.pt --preset full
+Published numbers: docs/adaad.md §5 (the paper's tables were not available to this project).
+Evaluate with: python eval_attacks.py runs/<run>/best.pt --preset adaad
 Smoke run on CPU:
-    python adaad.py --teacher runs/<teacher-run>/best.pt --arch cnn_small --epochs 2 --train-subset 512 --test-subset 128
+    python adaad.py --teacher runs/<teacher-run>/best.pt --arch cnn_small --epochs 2 --train-subset 512 \\
+        --test-subset 128
 
 Where the paper, the code and this script part ways (flag for the alternative):
-    D-ADAAD-1  inner search radius 8/255, step 2/255 (README's AdaAD command; main.py's own defaults 16, 4)  --eps 16/255 --attack-step 4/255
-    D-ADAAD-2  KL as main.py reduces it: nn.KLDivLoss() (mean over batch and classes) on CIFAR-10,
-               sum / B on CIFAR-100                                                                     --kl-reduction
-    D-ADAAD-3  inner KL differentiated through both S(x') and T(x'), student BN in eval(), x + 0.001·N(0, I)  --attack-bn, --rand-start
-    D-ADAAD-4  best.pt by main.py's per-epoch PGD-10 (advertorch, clamped uniform start)                  --monitor
-    D-ADAAD-5  AdaIAD: the code's IAD-I loss (τ 30, β 0.1, warm-up 60, introspection untempered)          --temp --beta --begin
-    code vs paper: the teacher is the RobustBench file itself, its architecture wrn34_20 (no sub_block1)    --teacher-arch
+    D-ADAAD-1  search radius 8/255, step 2/255 (README's command; main.py's defaults: 16, 4)  --eps 16/255 --attack-step 4/255
+    D-ADAAD-2  KL reduced as main.py: nn.KLDivLoss() (elemmean) on CIFAR-10, sum / B on CIFAR-100  --kl-reduction
+    D-ADAAD-3  search through both S(x') and T(x'), student BN eval(), start x + 0.001·N(0, I)   --attack-bn, --rand-start
+    D-ADAAD-4  best.pt by main.py's per-epoch PGD-10 (advertorch, clamped uniform start)         (no alternative)
+    D-ADAAD-5  AdaIAD as the code: IAD-I's loss, τ 30, β 0.1, warm-up 60, untempered introspection  --temp --beta --begin
 Decisions, defaults and their sources in full: docs/adaad.md. Official code: boyellow/AdaAD@9e5c6e5.
 """
 

@@ -387,12 +387,14 @@ SPEC_MONITORS = {
     "pgd20-monitor": dict(eps=8 / 255, steps=20, step=0.003, start="uniform-clamp", loss="ce_mean", bn="eval"),
     "pgd10-madry": dict(eps=8 / 255, steps=10, step=2 / 255, start="uniform-clamp", loss="ce_mean", bn="eval"),
     "pgd20-sat": dict(eps=8 / 255, steps=20, step=2 / 255, start="uniform-clamp", loss="ce_mean", bn="eval"),
+    "pgd10-peeraid": dict(eps=8 / 255, steps=10, step=2 / 255, start="uniform", loss="ce_mean", bn="eval"),
     "fgsm20-trades": dict(eps=0.031, steps=20, step=0.003, start="uniform", loss="ce_mean", bn="eval"),
     "clean": None,
 }
 
 
-@pytest.mark.parametrize("name", ["rslad", "ard", "iad", "mtard", "ardir", "adt_aodt", "train_teacher", "adaad"])
+@pytest.mark.parametrize("name", ["rslad", "ard", "iad", "mtard", "ardir", "adt_aodt", "train_teacher", "adaad",
+                                  "peeraid"])
 def test_each_script_states_its_monitors_as_the_spec(name):
     module = importlib.import_module(name)
     assert module.MONITORS and all(module.MONITORS[k] == SPEC_MONITORS[k] for k in module.MONITORS), module.MONITORS

@@ -42,6 +42,7 @@ PGD10_ARD = dict(eps=8 / 255, steps=10, step=2 / 255, start="uniform", loss="ce_
 PGD20_MONITOR = dict(eps=8 / 255, steps=20, step=0.003, start="uniform-clamp", loss="ce_mean", bn="eval")
 PGD10_MADRY = dict(eps=8 / 255, steps=10, step=2 / 255, start="uniform-clamp", loss="ce_mean", bn="eval")
 PGD20_SAT = dict(eps=8 / 255, steps=20, step=2 / 255, start="uniform-clamp", loss="ce_mean", bn="eval")  # C-10 step
+PGD10_PEERAID = dict(eps=8 / 255, steps=10, step=2 / 255, start="uniform", loss="ce_mean", bn="eval")
 FGSM20_TRADES = dict(eps=0.031, steps=20, step=0.003, start="uniform", loss="ce_mean", bn="eval")
 
 EVERY_EPOCH = dict(eval_every=1, eval_all_from=None, eval_first=False)
@@ -97,6 +98,11 @@ CASES = [
     case("adaad-adaiad", "adaad", lambda t: ["--variant", "adaiad", "--teacher", t, "--begin", "1", *ATTACK],
          wd=5e-4, monitor="pgd10-madry", attack=PGD10_MADRY, schedule=EVERY_EPOCH, monitored=[1, 2, 3],
          source="docs/adaad.md §3"),
+    # docs/peeraid.md §3: both models SGD 0.1, 0.9, 2e-4 (configs/PeerAiD_*.json), a group each (D-PEER-2);
+    # monitor pgd10-peeraid (test_kd's PGD-10: unclamped uniform start, CE mean) every epoch
+    case("peeraid", "peeraid", lambda t: ["--peer-arch", "cnn_small", *ATTACK],
+         wd=2e-4, monitor="pgd10-peeraid", attack=PGD10_PEERAID, schedule=EVERY_EPOCH, monitored=[1, 2, 3],
+         models=2, source="docs/peeraid.md §3, D-PEER-2"),
     # docs/train_teacher.md §1: every recipe SGD lr 0.1, momentum 0.9; monitor every epoch (pass)
     case("teacher-natural-rslad", "train_teacher", lambda t: ["--recipe", "natural-rslad"],
          wd=2e-4, monitor="clean", attack=None, schedule=EVERY_EPOCH, monitored=[1, 2, 3], source="docs/train_teacher.md §1.1"),
