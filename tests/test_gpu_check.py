@@ -23,7 +23,7 @@ VARIANT_NAMES = [
     "iad --variant iad1", "iad --variant iad2", "iad --variant ard", "iad --variant akd2", "mtard",
     "ardir --combo RC", "ardir --combo CC", "ardir --combo RA",
     "adt_aodt --method adt", "adt_aodt --method aodt", "adt_aodt --method adt --reg alp",
-    "adt_aodt --method aodt --reg trades",
+    "adt_aodt --method aodt --reg trades", "adaad", "adaad --variant adaiad", "peeraid",
     "train_teacher --recipe natural-rslad", "train_teacher --recipe sat-iad", "train_teacher --recipe trades",
 ]
 CONFIGS = ("bf16-channels-last", "reduce-overhead")

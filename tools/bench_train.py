@@ -36,11 +36,11 @@ PEAKS = {
     "A10": {"bf16": 125.0, "tf32": 62.5, "fp32": 31.2},
 }
 
-METHODS = ("rslad", "ard", "iad", "mtard", "ardir", "adt_aodt", "train_teacher")
+METHODS = ("rslad", "ard", "iad", "mtard", "ardir", "adt_aodt", "adaad", "peeraid", "train_teacher")
 # the checkpoint flags each script requires; the bench builds randomly initialised models instead
 PLACEHOLDERS = {"rslad": ["--teacher", "-"], "ard": ["--teacher", "-"], "iad": ["--teacher", "-"],
                 "mtard": ["--teacher", "-", "--nat-teacher", "-"], "ardir": ["--teacher", "-"],
-                "adt_aodt": [], "train_teacher": []}
+                "adt_aodt": [], "adaad": ["--teacher", "-"], "peeraid": [], "train_teacher": []}
 
 
 def method_args(method, argv):
@@ -65,7 +65,13 @@ def build(method, module, args, device):
     trained model."""
     n = common.DATASETS[args.dataset]
     c100 = args.dataset == "cifar100"
-    student = common.prepare_student(common.build_model(args.arch, n), args, device)
+    build_model = module.build if method == "peeraid" else common.build_model  # PeerAiD's WRN has no sub_block1
+    student = common.prepare_student(build_model(args.arch, n), args, device)
+    if method == "peeraid":  # the peer trains with the student: one SGD, a group per model
+        peer = common.prepare_student(module.build(args.peer_arch, n), args, device)
+        optimizer = common.sgd([{"params": list(student.parameters()), "lr": args.lr},
+                                {"params": list(peer.parameters()), "lr": args.peer_lr}], args.lr, args.momentum, args.wd)
+        return _with_student(lambda x, y: module.train_step(student, peer, optimizer, x, y, args), student)
     if method == "train_teacher":
         optimizer = module.make_optimizer(student, args)
 
@@ -93,6 +99,10 @@ def build(method, module, args, device):
         nat = frozen(args.nat_teacher_arch or module.TEACHER_ARCHS["nat_teacher"][args.dataset], n, args, device)
         anl = module.anl_state(args, device)
         return _with_student(lambda x, y: module.train_step(student, adv, nat, optimizer, x, y, anl, args), student)
+    if method == "adaad":  # adaiad: the step after the warm-up, the most forward passes
+        teacher = frozen(args.teacher_arch or module.TEACHER_ARCHS[args.dataset], n, args, device)
+        epoch = args.begin + 1 if args.variant == "adaiad" else 1
+        return _with_student(lambda x, y: module.train_step(student, teacher, optimizer, x, y, epoch, args), student)
     default = {"rslad": "dm_wrn70_16" if c100 else "wrn34_10", "ard": "dm_wrn70_16" if c100 else "wrn34_10",
                "iad": "resnet18", "ardir": "preact_resnet18"}[method]
     teacher = frozen(args.teacher_arch or default, n, args, device)

@@ -15,7 +15,7 @@ after it is skipped with the reason "budget" (in full mode each check also leave
 time the later checks need, RESERVE below).
 
 Checks, in this order:
-  eager       every method's train_step, every variant (VARIANTS, 18), eager fp32 on the device against the
+  eager       every method's train_step, every variant (VARIANTS, 21), eager fp32 on the device against the
               same step on the CPU from the same weights and batch, TF32 off, --rand-start none; the method's
               student (ResNet-18 where the default is a WRN; MobileNetV2 for ARD, PreActResNet-18 for ARDIR
               and its teacher), cnn_small teachers, batch 32, 3 attack steps. Proves the device computes
@@ -89,6 +89,7 @@ VARIANTS = (
     ("ardir", ["--combo", "RC"]), ("ardir", ["--combo", "CC"]), ("ardir", ["--combo", "RA"]),
     ("adt_aodt", ["--method", "adt"]), ("adt_aodt", ["--method", "aodt"]),
     ("adt_aodt", ["--method", "adt", "--reg", "alp"]), ("adt_aodt", ["--method", "aodt", "--reg", "trades"]),
+    ("adaad", []), ("adaad", ["--variant", "adaiad"]), ("peeraid", []),
     ("train_teacher", ["--recipe", "natural-rslad"]), ("train_teacher", ["--recipe", "sat-iad"]),
     ("train_teacher", ["--recipe", "trades"]),
 )
@@ -96,7 +97,8 @@ VARIANTS = (
 # AODT trains a peer)
 COMPILED_VARIANTS = (
     ("rslad", []), ("ard", []), ("iad", ["--variant", "iad1"]), ("mtard", []), ("ardir", ["--combo", "RA"]),
-    ("adt_aodt", ["--method", "aodt", "--reg", "trades"]), ("train_teacher", ["--recipe", "trades"]),
+    ("adt_aodt", ["--method", "aodt", "--reg", "trades"]), ("adaad", ["--variant", "adaiad"]), ("peeraid", []),
+    ("train_teacher", ["--recipe", "trades"]),
 )
 # name -> (flags, rtol of the first compiled step against eager fp32, terms compared)
 COMPILED_CONFIGS = {
@@ -256,7 +258,7 @@ def model_flags(method, flags, small):
     student = "cnn_small" if small else {"ard": "mobilenet_v2", "ardir": "preact_resnet18"}.get(method, "resnet18")
     teacher = "cnn_small"
     out = ["--arch", student]
-    if method in ("rslad", "ard", "iad"):
+    if method in ("rslad", "ard", "iad", "adaad"):
         out += ["--teacher-arch", teacher]
     if method == "iad" and any(v in flags for v in ("iad2", "akd2")):
         out += ["--nat-teacher-arch", teacher]
@@ -266,6 +268,8 @@ def model_flags(method, flags, small):
         out += ["--teacher-arch", student] + (["--ir-layers", "layer1,layer2,layer3"] if student == "cnn_small" else [])
     if method == "adt_aodt":
         out += ["--peer-arch", teacher] if "aodt" in flags else ["--teacher", f"{teacher}:-"]
+    if method == "peeraid":
+        out += ["--peer-arch", teacher]
     return out
 
 
