@@ -292,11 +292,15 @@ def add_run_args(p, *, monitors, monitor, eval_every=1, eval_all_from=None, eval
 
 
 def add_teacher_args(p, g, prefix="teacher", *, what="teacher", arch_help, norm_help, required=True, help=None):
-    """--<prefix> (alias --<prefix>-ckpt), --<prefix>-arch, --<prefix>-norm, --<prefix>-shortcut-from.
+    """--<prefix> (alias --<prefix>-ckpt), --<prefix>-arch, --<prefix>-norm, --<prefix>-shortcut-from, and once
+    per parser --rb-model-dir. --<prefix> is a file or rb:NAME, a RobustBench zoo model (docs/common.md §4.1).
     The checkpoint path may change on --resume (a moved file); load_teacher checks it is the same file."""
     flag = prefix.replace("_", "-")
-    g.add_argument(f"--{flag}", f"--{flag}-ckpt", required=required, metavar="CKPT",
-                   help=help or f"{what} checkpoint (the suite's format or any format docs/common.md §3 lists)")
+    text = help or f"{what} checkpoint (the suite's format or any format docs/common.md §3 lists)"
+    if RB_PREFIX not in text:
+        text += f"; or {RB_PREFIX}NAME, a RobustBench CIFAR L-inf zoo model (docs/common.md §4.1)"
+    g.add_argument(f"--{flag}", f"--{flag}-ckpt", required=required, metavar="CKPT", type=_teacher_source(flag),
+                   help=text)
     g.add_argument(f"--{flag}-arch", choices=ARCHS, default=None,
                    help=f"{what} architecture when the file does not say ({arch_help})")
     g.add_argument(f"--{flag}-norm", choices=["none", "cifar10", "cifar100"], default=None,
@@ -304,8 +308,26 @@ def add_teacher_args(p, g, prefix="teacher", *, what="teacher", arch_help, norm_
     g.add_argument(f"--{flag}-shortcut-from", choices=["act", "input"], default=None,
                    help=f"a preact_resnet18 {what} file not written by the suite: what feeds its projection shortcuts, "
                         "relu(bn1(x)) (act: IAD/ARD layout) or x (input: fast_adversarial, RobustBench) (docs/common.md §4)")
-    p.resume_may_change.add(prefix)
-    p.path_flags = getattr(p, "path_flags", ()) + (prefix,)
+    if not any(a.dest == "rb_model_dir" for a in p._actions):  # one cache for every teacher of the script
+        g.add_argument("--rb-model-dir", default=None, metavar="DIR",
+                       help=f"RobustBench's model cache for {RB_PREFIX}NAME teachers: the file is "
+                            f"DIR/<dataset>/Linf/NAME.pt, downloaded there when absent (default: {RB_MODEL_DIR}, "
+                            "RobustBench's own; may be given again on --resume, a moved cache)")
+        p.resume_may_change.add("rb_model_dir")
+        p.path_flags = getattr(p, "path_flags", ()) + ("rb_model_dir",)  # stored absolute by parse()
+    p.resume_may_change.add(prefix)  # stored absolute by _teacher_source (parse() would mangle rb:NAME)
+
+
+def _teacher_source(flag):
+    """argparse `type` of --<flag>: rb:NAME as typed; a path absolute, as parse() stores its path flags (a
+    resumed run may start from another folder); an empty value is the same one-line error as theirs."""
+    def source(text):
+        if is_rb_source(text):
+            return text
+        if text == "":
+            fail(f"--{flag} is empty; give a path")
+        return os.path.abspath(os.path.expanduser(text))
+    return source
 
 
 def is_monitor_epoch(args, epoch):
@@ -1333,20 +1355,34 @@ def load_teacher(args, device, default_arch, prefix="teacher"):
     flag = prefix.replace("_", "-")
     path = getattr(args, prefix)
     norm = getattr(args, f"{prefix}_norm")
-    norm = "auto" if norm in (None, "custom") else (None if norm == "none" else norm)  # custom: a resumed record
     shortcut = getattr(args, f"{prefix}_shortcut_from", None)
-    model, info = load_model(path, arch=getattr(args, f"{prefix}_arch"), num_classes=DATASETS[args.dataset],
-                             norm=norm, device=device, unsafe=args.unsafe_load,
-                             arch_kwargs=None if shortcut is None else {"shortcut_from": shortcut},
-                             arch_flag=f"--{flag}-arch", default_arch=default_arch,
-                             shortcut_flag=f"--{flag}-shortcut-from", dataset=args.dataset,
-                             norm_flag=f"--{flag}-norm", override_record=getattr(args, "override_record", False))
-    if not info["suite"] and getattr(args, f"{prefix}_sha256", None) is None:
-        warn_unrecorded(path, args.dataset, info)
+    if is_rb_source(path):  # a RobustBench zoo model: its entry fixes architecture and normalisation (§4.1)
+        arch = getattr(args, f"{prefix}_arch")
+        for name, value, recorded in (("arch", arch, path), ("norm", norm, RB_NORM), ("shortcut-from", shortcut, None)):
+            if name == "arch" and is_rb_source(value) and value != path:
+                fail(f"--{flag} {path}: the run started with --{flag} {value}")
+            if value not in (None, recorded):  # recorded: what args.json holds for a resumed run
+                fail(f"--{flag}-{name} does not apply to --{flag} {path}: the RobustBench entry fixes the "
+                     "architecture and the model normalises inside itself")
+        model, info = load_robustbench(path, args.dataset, getattr(args, "rb_model_dir", None),
+                                       unsafe=args.unsafe_load, device=device, flag=f"--{flag}")
+        path, shown = info["path"], f"{path} ({info['path']})"
+    else:
+        shown = path
+        norm = "auto" if norm in (None, "custom") else (None if norm == "none" else norm)  # custom: a resumed record
+        model, info = load_model(path, arch=getattr(args, f"{prefix}_arch"), num_classes=DATASETS[args.dataset],
+                                 norm=norm, device=device, unsafe=args.unsafe_load,
+                                 arch_kwargs=None if shortcut is None else {"shortcut_from": shortcut},
+                                 arch_flag=f"--{flag}-arch", default_arch=default_arch,
+                                 shortcut_flag=f"--{flag}-shortcut-from", dataset=args.dataset,
+                                 norm_flag=f"--{flag}-norm", override_record=getattr(args, "override_record", False))
+        if not info["suite"] and getattr(args, f"{prefix}_sha256", None) is None:
+            warn_unrecorded(path, args.dataset, info)
+        info = {**info, "norm": norm_name(info["norm"])}
     digest, saved = file_sha256(path), getattr(args, f"{prefix}_sha256", None)
     if saved is not None and digest != saved:
-        fail(f"--{flag} {path} is not the file the run started with (sha256 {digest[:12]}… vs {saved[:12]}…)")
-    info = {**info, "norm": norm_name(info["norm"]), "sha256": digest}
+        fail(f"--{flag} {shown} is not the file the run started with (sha256 {digest[:12]}… vs {saved[:12]}…)")
+    info = {**info, "sha256": digest}
     say(f"{prefix}: {info['path']} -> {info['arch']} {info['arch_kwargs'] or ''} norm {info['norm']}"
         f" (container {info['container']}, stripped {info['prefixes'] or 'nothing'})")
     return prepare_model(freeze(model), args, device), info
@@ -1357,6 +1393,170 @@ def warn_unrecorded(path, dataset, info):
     if is_main():
         print(f"warning: {path} does not record its data set or normalisation (not a suite checkpoint); taken as "
               f"a {dataset} model with normalisation {norm_name(info['norm'])}", file=sys.stderr, flush=True)
+
+
+# ---- RobustBench zoo models: --teacher rb:NAME, eval_attacks.py rb:NAME (docs/common.md §4.1) ----------------
+
+RB_PREFIX = "rb:"
+RB_MODEL_DIR = "./models"  # RobustBench's own default cache
+RB_NORM = "in-model"  # what args.json records: a zoo model takes [0, 1] inputs and normalises inside itself if it does
+RB_INSTALL = "pip install -r requirements-robustbench.txt"
+
+
+def is_rb_source(text):
+    """True for a model source naming a RobustBench zoo model, rb:NAME."""
+    return isinstance(text, str) and text.startswith(RB_PREFIX)
+
+
+def _alias_autoattack():
+    """robustbench 1.1.1 imports `autoattack` and `autoattack.state`, the module names of the GitHub code
+    (fra31/auto-attack), but its PyPI dependency pyautoattack installs that code as `pyautoattack`. Where only
+    the latter exists, register it under the former names so that `import robustbench` works."""
+    import importlib
+    import importlib.util
+    if "autoattack" in sys.modules or importlib.util.find_spec("autoattack") is not None:
+        return
+    if importlib.util.find_spec("pyautoattack") is None:
+        return  # robustbench's own import then names the missing module
+    sys.modules["autoattack"] = importlib.import_module("pyautoattack")
+    sys.modules["autoattack.state"] = importlib.import_module("pyautoattack.state")
+
+
+def import_robustbench(what="rb:NAME"):
+    """robustbench's `utils` and `model_zoo` modules (imported on first use only: an optional extra), or a
+    one-line error saying what to install (exit status 2)."""
+    import warnings
+    _alias_autoattack()
+    try:
+        with warnings.catch_warnings():  # two import-time deprecation notes of robustbench's dependencies
+            warnings.filterwarnings("ignore", message=".*pkg_resources is deprecated.*")
+            warnings.filterwarnings("ignore", message=".*torch.jit.interface.*")
+            import robustbench
+            from robustbench import model_zoo, utils
+    except ImportError as e:
+        missing = f" (no module {e.name})" if e.name and not e.name.startswith("robustbench") else ""
+        fail(f"{what} needs the robustbench package{missing}: {RB_INSTALL}")
+    return robustbench, utils, model_zoo
+
+
+class RobustBenchModel(nn.Module):
+    """A RobustBench zoo network as the suite uses a model: `model(x)` the logits of [0, 1] inputs (the zoo
+    network normalises inside itself where it needs to), `arch` 'rb:NAME', no suite normalisation constants
+    (`mean` None: measure_norms has nothing to swap) and no intermediate outputs (`stage_names` empty)."""
+    stage_names = ()
+
+    def __init__(self, net, name, num_classes):
+        super().__init__()
+        self.net = net
+        self.mean = self.std = self.norm = None
+        self.arch, self.arch_kwargs, self.num_classes = f"{RB_PREFIX}{name}", {}, num_classes
+
+    def forward(self, x, stages=()):
+        if stages:
+            raise ValueError(f"{self.arch} reports no intermediate outputs (a RobustBench zoo model); use a suite "
+                             "architecture for a feature-level term")
+        return self.net(x)
+
+
+def _served_by_timm(name, dataset):
+    """RobustBench serves some entries through timm (weights fetched by timm, no file in its cache): those
+    whose lower-cased name, data set and threat model form a timm model name."""
+    import timm
+    return timm.is_model(f"{name.lower().replace('-', '_')}_{dataset}_linf")
+
+
+def _download_rb(utils, gdrive_id, path, what):
+    """Fetch a missing zoo file through robustbench's downloader (gdown); on failure, one line saying where
+    the file is expected, and no empty folder or partial file of ours left behind."""
+    created = [d for d in (path.parent, path.parent.parent, path.parent.parent.parent) if not d.exists()]
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        fail(f"{what}: cannot create the cache folder {path.parent} ({e.strerror or e}); pass --rb-model-dir")
+    say(f"{what}: {path} is not there; downloading it through robustbench")
+    error = None
+    try:
+        utils.download_gdrive_new(gdrive_id, path)
+    except Exception as e:  # noqa: BLE001 - no network, quota, a changed Google Drive page: the same to the user
+        error = type(e).__name__
+    except KeyboardInterrupt:
+        error = "interrupted"
+    if error is None and path.is_file():
+        return
+    with contextlib.suppress(OSError):
+        path.unlink()
+    for d in created:
+        with contextlib.suppress(OSError):
+            d.rmdir()
+    fail(f"{what}: {path} is missing and the download failed ({error or 'no file written'}); download Google "
+         f"Drive file {gdrive_id} elsewhere and put it there (or pass --rb-model-dir)")
+
+
+def load_robustbench(source, dataset, model_dir=None, *, unsafe=False, device="cpu", flag="--teacher"):
+    """Build and strictly load the RobustBench zoo model `source` ('rb:NAME') of `dataset` (cifar10 or
+    cifar100), threat model Linf, from RobustBench's cache `model_dir`/<dataset>/Linf/NAME.pt (downloaded
+    there through robustbench when absent). The architecture comes from robustbench's model zoo; the file is
+    read by load_checkpoint (weights_only=True unless `unsafe`) and loaded by the recipe of docs/common.md §4
+    (container, true prefixes, strict keys, finite weights), not by robustbench.utils.load_model.
+    Returns the model (RobustBenchModel) in eval() mode on `device` and a dict like load_model's."""
+    what = f"{flag} {source}" if flag else source
+    name = source[len(RB_PREFIX):]
+    if not name:
+        fail(f"{what}: name a RobustBench model, e.g. {RB_PREFIX}Chen2021LTD_WRN34_20")
+    if dataset not in ("cifar10", "cifar100"):
+        fail(f"{what}: RobustBench has no {dataset} models; {RB_PREFIX}NAME needs --dataset cifar10 or cifar100")
+    _, utils, model_zoo = import_robustbench(what)
+    from robustbench.model_zoo.enums import BenchmarkDataset, ThreatModel
+    bench_ds, threat = BenchmarkDataset(dataset), ThreatModel.Linf
+    zoo = model_zoo.model_dicts[bench_ds][threat]
+    if name not in zoo:
+        import difflib
+        close = difflib.get_close_matches(name, list(zoo), n=1)
+        fail(f"{what}: not a RobustBench {dataset} Linf model"
+             + (f" (did you mean {RB_PREFIX}{close[0]}?)" if close else "")
+             + f"; see robustbench.model_zoo.{dataset}.linf for the names")
+    entry = zoo[name]
+    if _served_by_timm(name, dataset):
+        fail(f"{what}: this zoo entry is served by timm, with no file in RobustBench's cache; not supported")
+    if entry["gdrive_id"] is None:
+        fail(f"{what}: this zoo entry has no file to download; not supported")
+    if isinstance(entry["gdrive_id"], (list, tuple)):
+        fail(f"{what}: this zoo entry is an ensemble of {len(entry['gdrive_id'])} networks; not supported "
+             "(name a single model)")
+    path = Path(model_dir or RB_MODEL_DIR).expanduser().absolute() / bench_ds.value / threat.value / f"{name}.pt"
+    if not path.is_file():
+        _download_rb(utils, entry["gdrive_id"], path, what)
+    obj = load_checkpoint(path, unsafe)
+    container, sd = _unwrap(obj)
+    if sd is None:
+        fail(f"{path} holds no state_dict (looked for a dict of tensors, or one under "
+             "'model', 'state_dict', 'net', 'student', 'last')")
+    for key, tensor in sd.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            fail(f"{path}: {key} holds {'NaN' if bool(torch.isnan(tensor).any()) else 'inf'} values; the model "
+                 "is broken")
+    net = entry["model"]()
+    sd, stripped = _strip_prefixes(dict(sd), allow_model_prefix=not isinstance(getattr(net, "model", None), nn.Module))
+    missing, unexpected = _key_mismatch(net, sd)
+    # Constants some zoo constructors set and some zoo files lack (Rice2020Overfitting's mu, sigma): the
+    # constructor's values are the model's, as robustbench has them. Any other missing or extra key is refused.
+    buffers = {n for n, _ in net.named_buffers()}
+    kept = [k for k in missing if k in buffers and k.rsplit(".", 1)[-1] in ("mu", "sigma", "mean", "std")]
+    missing = [k for k in missing if k not in kept]
+    if missing or unexpected:
+        fail(f"{path} does not match the zoo architecture of {source}: missing keys {missing[:10]}, "
+             f"unexpected keys {unexpected[:10]}")
+    try:
+        net.load_state_dict(sd, strict=not kept)
+    except RuntimeError as e:
+        sizes = [ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln]
+        fail(f"{path} does not match the zoo architecture of {source}: {'; '.join(sizes[:3]) or str(e).splitlines()[0]}")
+    num_classes = DATASETS[dataset]
+    model = RobustBenchModel(net, name, num_classes)
+    info = {"path": str(path), "suite": False, "container": container, "prefixes": stripped, "arch": model.arch,
+            "arch_kwargs": {}, "num_classes": num_classes, "norm": RB_NORM, "dataset": dataset,
+            "threat_model": threat.value, "kept_constants": kept}
+    return model.to(device).eval(), info
 
 
 def _detect_switches(arch, sd, arch_kwargs):

@@ -58,6 +58,7 @@ WHITEBOX = {
     "pgd_sat": dict(steps=20, step=2 / 255, start="uniform-clamp", loss="ce"),  # Madry config.json, RSLAD 20 steps
     "pgd_trades": dict(steps=20, step=0.003, start="uniform-clamp", loss="ce"),  # D-EVAL-2
     "pgd20": dict(steps=20, step=2 / 255, start="uniform-clamp", loss="ce"),  # IAD basic_eval.py; ARDIR §4.1
+    "pgd10": dict(steps=10, step=2 / 255, start="uniform-clamp", loss="ce"),  # AdaAD eval_utils.py (advertorch, eps/4)
     "fgsm20": dict(steps=20, step=0.003, start="uniform", loss="ce"),  # TRADES pgd_attack_cifar10.py
     "fgsm1000": dict(steps=1000, step=0.003, start="uniform", loss="ce"),
     "cw": dict(steps=20, step=2 / 255, start="uniform-clamp", loss="cw", kappa=50.0),  # D-EVAL-3
@@ -75,6 +76,12 @@ PRESETS = {
                 quant=["fgsm20", "cw20"], tweaks={"cw": {"steps": 30}}),
     "ardir": dict(eps="8/255", whitebox=["fgsm", "pgd20"], aa="standard", transfer=["pgd20", "cw"],
                   quant=["fgsm20", "cw20"], svhn_tweaks={"pgd20": {"step": 1 / 255}}),
+    # AdaAD main_eval.py: FGSM, PGD-10, AutoAttack (its CW is advertorch's CW-L2: not carried, docs/adaad.md §5)
+    "adaad": dict(eps="8/255", whitebox=["fgsm", "pgd10"], aa="standard", transfer=["pgd20", "cw"],
+                  quant=["fgsm20", "cw20"]),
+    # PeerAiD main.py --fgsm_eval --pgd_eval --AA: FGSM, PGD-20 from an unclamped uniform start (LinfPGDAttack), AA
+    "peeraid": dict(eps="8/255", whitebox=["fgsm", "pgd20"], aa="standard", transfer=["pgd20", "cw"],
+                    quant=["fgsm20", "cw20"], tweaks={"pgd20": {"start": "uniform"}}),
     "adt": dict(eps="0.031", whitebox=["fgsm_adt", "fgsm", "fgsm20", "cw20"], long=["fgsm1000"], aa="off",
                 transfer=["fgsm20"], quant=["fgsm20", "cw20"], quant_long=["fgsm1000", "cw1000"]),
 }
@@ -465,7 +472,9 @@ class Quantized(nn.Module):
 
 def parse_args(argv=None):
     p = common.parser("eval_attacks", __doc__.split("\n\n")[0] + "\n(§ numbers below: docs/eval_attacks.md)")
-    p.add_argument("checkpoint", help="any checkpoint common.load_model reads (suite last.pt/best.pt or official files)")
+    p.add_argument("checkpoint", help="any checkpoint common.load_model reads (suite last.pt/best.pt or official files), "
+                                      "or rb:NAME, a RobustBench L-inf zoo model of --dataset (default cifar10; "
+                                      "docs/common.md §4.1)")
     g = p.add_argument_group("model and data (§1)")
     g.add_argument("--arch", default=None, help="architecture (required for non-suite checkpoints)")
     g.add_argument("--shortcut-from", choices=["act", "input"], default=None,
@@ -480,6 +489,8 @@ def parse_args(argv=None):
                    help="use --dataset and --norm even where a suite checkpoint records another data set or "
                         "normalisation (refused otherwise)")
     g.add_argument("--data-dir", default="./data", help="folder holding the standard layout")
+    g.add_argument("--rb-model-dir", default=common.RB_MODEL_DIR, metavar="DIR",
+                   help="RobustBench's model cache for rb:NAME (the model and --transfer-from): DIR/<dataset>/Linf/NAME.pt")
     g.add_argument("--n-ex", type=common.positive_int, default=None, help="evaluate the first N test points (default all)")
     g.add_argument("--bs", type=common.positive_int, default=250, help="batch size of the non-AutoAttack attacks")
     g.add_argument("--seed", type=int, default=0, help="seed of the random starts (every attack starts from it)")
@@ -509,7 +520,8 @@ def parse_args(argv=None):
                         "at each, with the attack's own steps and step size (JSON eps_sweep, §9)")
     g.add_argument("--sweep-attack", default=None,
                    help="attack of --eps-sweep: a white-box name or autoattack (the --aa version, standard when off); "
-                        "default: the preset's first PGD attack (pgd_sat; pgd20 for iad and ardir; fgsm20 for adt)")
+                        "default: the preset's first PGD attack (pgd_sat; pgd20 for iad, ardir and peeraid; pgd10 for "
+                        "adaad; fgsm20 for adt)")
     g = p.add_argument_group("AutoAttack (§4)")
     g.add_argument("--aa", default=None, choices=["standard", "fast", "rand", "individual", "off"],
                    help="AutoAttack version; default from the preset (standard; adt off)")
@@ -518,7 +530,8 @@ def parse_args(argv=None):
     g = p.add_argument_group("black-box (§5, §6)")
     g.add_argument("--transfer-from", default=None, metavar="ARCH:CKPT[:NORM]",
                    help="surrogate for transfer attacks (RSLAD: a ResNet-50 with standard adversarial training, D-EVAL-4); ARCH may be left out "
-                        "for a suite checkpoint, NORM is auto (default), none, cifar10 or cifar100")
+                        "for a suite checkpoint, NORM is auto (default), none, cifar10 or cifar100; or rb:NAME, a "
+                        "RobustBench zoo model of the evaluation's data set")
     g.add_argument("--transfer-shortcut-from", choices=["act", "input"], default=None,
                    help="as --shortcut-from, for a preact_resnet18 surrogate file not written by the suite")
     g.add_argument("--transfer-attacks", default=None,
@@ -568,6 +581,15 @@ def shortcut(value):
 
 
 def load_target(args, device):
+    if common.is_rb_source(args.checkpoint):  # a RobustBench zoo model (docs/common.md §4.1)
+        for flag, given in (("--arch", args.arch), ("--shortcut-from", args.shortcut_from), ("--norm", args.norm != "auto")):
+            if given:
+                common.fail(f"{flag} does not apply to {args.checkpoint}: the RobustBench entry fixes the model")
+        dataset = args.dataset or "cifar10"  # RobustBench's default
+        model, info = common.load_robustbench(args.checkpoint, dataset, args.rb_model_dir, unsafe=args.unsafe_load,
+                                              device=device, flag="")
+        args.checkpoint = info["path"]  # the cached file: its sha256 in the JSON, the JSON beside it by default
+        return common.freeze(model.float()), info, dataset
     norm = None if args.norm == "none" else args.norm
     num_classes = common.DATASETS[args.dataset] if args.dataset else None
     model, info = common.load_model(args.checkpoint, arch=args.arch, num_classes=num_classes, norm=norm,
@@ -725,13 +747,20 @@ def eval_whitebox(ctx, attacks):
     return res
 
 
-def eval_transfer(ctx, attacks):
+def eval_transfer(ctx, attacks, dataset):
     """Transfer rows (§5): crafted on the surrogate with the true labels, classified by the target."""
-    arch, path, norm = common.parse_model_spec(ctx.args.transfer_from, "--transfer-from")
-    source, info = common.load_model(path, arch=arch, num_classes=ctx.num_classes, norm=norm, device=ctx.device,
-                                     unsafe=ctx.args.unsafe_load, arch_kwargs=shortcut(ctx.args.transfer_shortcut_from),
-                                     arch_flag="--transfer-from ARCH:CKPT", shortcut_flag="--transfer-shortcut-from",
-                                     norm_flag="--transfer-from ...:NORM")
+    if common.is_rb_source(ctx.args.transfer_from):  # a RobustBench zoo model of the evaluation's data set
+        if ctx.args.transfer_shortcut_from:
+            common.fail(f"--transfer-shortcut-from does not apply to --transfer-from {ctx.args.transfer_from}")
+        source, info = common.load_robustbench(ctx.args.transfer_from, dataset, ctx.args.rb_model_dir,
+                                               unsafe=ctx.args.unsafe_load, device=ctx.device, flag="--transfer-from")
+        path = info["path"]
+    else:
+        arch, path, norm = common.parse_model_spec(ctx.args.transfer_from, "--transfer-from")
+        source, info = common.load_model(path, arch=arch, num_classes=ctx.num_classes, norm=norm, device=ctx.device,
+                                         unsafe=ctx.args.unsafe_load, arch_kwargs=shortcut(ctx.args.transfer_shortcut_from),
+                                         arch_flag="--transfer-from ARCH:CKPT", shortcut_flag="--transfer-shortcut-from",
+                                         norm_flag="--transfer-from ...:NORM")
     source = common.freeze(source.float())
     res = {}
     for name, params in attacks.items():
@@ -887,7 +916,7 @@ def main(argv=None):
         torch.use_deterministic_algorithms(True, warn_only=True)
     grid = parse_grid(args)
     resolve_protocol(args, args.dataset)  # bad attack names or eps fail before a large checkpoint loads
-    if args.transfer_from:
+    if args.transfer_from and not common.is_rb_source(args.transfer_from):
         common.parse_model_spec(args.transfer_from, "--transfer-from")
     model, info, dataset = load_target(args, device)
     proto = resolve_protocol(args, dataset)
@@ -912,7 +941,7 @@ def main(argv=None):
     out["clean"] = eval_clean(ctx)
     attacks = eval_whitebox(ctx, proto["whitebox"])
     if proto["transfer"]:
-        attacks["transfer"] = eval_transfer(ctx, proto["transfer"])
+        attacks["transfer"] = eval_transfer(ctx, proto["transfer"], dataset)
     if args.square_bb:
         attacks["square_bb"] = eval_square_bb(ctx)
     if grid:

@@ -102,7 +102,7 @@ def test_resume_accepts_a_moved_data_dir_and_teacher_but_not_another_teacher(fin
 
 def test_resume_help_lists_the_flags_that_may_change(capsys):
     entry = "".join(help_options(rslad, capsys)["--resume"].split())  # argparse may wrap inside a flag name
-    assert "only--compile,--compile-mode,--data-dir,--device,--epochs,--progress-every,--runs-dir,--teacher,--tensorboard,--unsafe-loadmaybegivenagain" in entry
+    assert "only--compile,--compile-mode,--data-dir,--device,--epochs,--progress-every,--rb-model-dir,--runs-dir,--teacher,--tensorboard,--unsafe-loadmaybegivenagain" in entry
 
 
 # ---------------------------------------------------------------------------------------------

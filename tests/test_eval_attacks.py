@@ -376,6 +376,15 @@ def test_presets(monkeypatch):
     adt = ea.resolve_protocol(ea.parse_args(["c.pt", "--preset", "adt", "--long"]), "cifar10")
     assert adt["eps"] == 0.031 and adt["aa"] == "off" and "fgsm1000" in adt["whitebox"]
     assert adt["whitebox"]["fgsm20"]["start"] == "uniform" and adt["whitebox"]["cw20"]["step"] == 0.003
+    # AdaAD eval_utils.py: advertorch PGD-10, step eps/4 = 2/255, clamped random init; PeerAiD main.py: LinfPGDAttack
+    # PGD-20, step 2/255, x + U(-eps, eps) unclamped; both FGSM without a start and standard AutoAttack
+    ada = ea.resolve_protocol(ea.parse_args(["c.pt", "--preset", "adaad"]), "cifar10")
+    assert list(ada["whitebox"]) == ["fgsm", "pgd10"] and ada["aa"] == "standard" and ada["eps"] == 8 / 255
+    assert ada["whitebox"]["pgd10"] == dict(steps=10, step=2 / 255, start="uniform-clamp", loss="ce")
+    peer = ea.resolve_protocol(ea.parse_args(["c.pt", "--preset", "peeraid"]), "cifar10")
+    assert list(peer["whitebox"]) == ["fgsm", "pgd20"] and peer["aa"] == "standard" and peer["eps"] == 8 / 255
+    assert peer["whitebox"]["pgd20"] == dict(steps=20, step=2 / 255, start="uniform", loss="ce")
+    assert peer["whitebox"]["fgsm"]["start"] == "none" and ada["whitebox"]["fgsm"]["start"] == "none"
     o = ea.resolve_protocol(ea.parse_args(["c.pt", "--eps", "4/255", "--cw-kappa", "0", "--pgd-start", "uniform",
                                            "--attacks", "pgd_trades,cw"]), "cifar10")
     assert o["eps"] == 4 / 255 and o["whitebox"]["cw"]["kappa"] == 0 and o["whitebox"]["pgd_trades"]["start"] == "uniform"
