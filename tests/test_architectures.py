@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from common import ARCHS, DMBlock, DMWideResNet, build_model, stage_outputs
 
 DATA = Path(__file__).parent / "data"
-LARGE = {"resnet152", "wrn34_10", "dm_wrn70_16", "dm_wrn28_10", "dm_wrn34_20"}  # tested on the meta device only
+LARGE = {"resnet152", "wrn34_10", "wrn34_20", "dm_wrn70_16", "dm_wrn28_10", "dm_wrn34_20"}  # tested on the meta device only
 
 # common.md §1 table: arch -> (num_classes the count is quoted for, keys, parameters)
 SPEC = {
@@ -19,6 +19,7 @@ SPEC = {
     "preact_resnet18": (10, 102, 11_171_146),
     "mobilenet_v2": (10, 344, 2_296_922),
     "wrn34_10": (10, 252, 48_262_586),
+    "wrn34_20": (10, 191, 184_531_674),  # RobustBench's Chen2021LTD_WRN34_20: tests/test_robustbench.py
     "dm_wrn70_16": (100, 407, 266_888_756),
     "dm_wrn28_10": (10, 155, 36_479_194),
     "dm_wrn34_20": (100, 191, 184_646_964),
