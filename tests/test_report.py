@@ -22,7 +22,7 @@ import eval_attacks as ea
 
 ROOT = Path(__file__).resolve().parents[1]
 PUBLISHED = json.loads((ROOT / "tools" / "published.json").read_text())
-SCRIPTS = ["rslad", "ard", "train_teacher", "iad", "mtard", "ardir", "adt_aodt"]
+SCRIPTS = ["rslad", "ard", "train_teacher", "iad", "mtard", "ardir", "adt_aodt", "adaad", "peeraid"]
 
 # a published accuracy in a docstring: two decimals, at least 1 (0.25 is a loss weight, 0.031 an eps)
 NUMBER = re.compile(r"(?<![\w.])(\d{1,3}\.\d{2})(?!\w|\.\d)")

@@ -44,7 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PUBLISHED = Path(__file__).resolve().parent / "published.json"
 
 LABELS = {"clean": "Clean", "aa_fast": "AA (fast)", "aa_rand": "AA (rand)", "fgsm": "FGSM", "fgsm_rand": "FGSM (rand. start)", "fgsm_adt": "FGSM (ADT)",
-          "pgd_sat": "PGD_SAT", "pgd_trades": "PGD_TRADES", "pgd20": "PGD-20", "fgsm20": "FGSM^20",
+          "pgd_sat": "PGD_SAT", "pgd_trades": "PGD_TRADES", "pgd20": "PGD-20", "pgd10": "PGD-10", "fgsm20": "FGSM^20",
           "fgsm1000": "FGSM^1000", "cw": "CW∞", "cw20": "CW^20", "cw1000": "CW^1000", "autoattack": "AA",
           "transfer_pgd20": "PGD-20 transfer", "transfer_cw": "CW∞ transfer", "transfer_fgsm20": "FGSM^20 transfer",
           "square_bb": "Square"}
@@ -55,7 +55,7 @@ METHOD_KEYS = ("script", "dataset", "variant", "combo", "method", "reg", "recipe
 # The checkpoint flags each training script requires: its defaults are read with placeholders there.
 PLACEHOLDERS = {"rslad": ["--teacher", "-"], "ard": ["--teacher", "-"], "iad": ["--teacher", "-"],
                 "mtard": ["--teacher", "-", "--nat-teacher", "-"], "ardir": ["--teacher", "-"],
-                "adt_aodt": [], "train_teacher": []}
+                "adt_aodt": [], "adaad": ["--teacher", "-"], "peeraid": [], "train_teacher": []}
 TEACHERS = {"teacher": "teacher", "nat_teacher": "natural teacher", "peer": "peer"}
 # The teacher architecture of the paper where a row's flags do not name it: each script's default for a
 # file that does not say (docs/iad.md, ardir.md, adt_aodt.md §4). Compared only where the run has that teacher.
@@ -64,7 +64,7 @@ PAPER_TEACHER_ARCH = {("iad", "nat_teacher_arch"): "resnet18", ("ardir", "teache
 # Not part of the setting: where things are, where and how verbosely it ran, records of files; a seed is one
 # draw of the same setting.
 BOOKKEEPING = {"script", "env", "resumes", "data_dir", "runs_dir", "device", "progress_every", "tensorboard",
-               "resume", "unsafe_load", "override_record", "test_batch_size", "data_sha256", "seed"}
+               "resume", "unsafe_load", "override_record", "test_batch_size", "data_sha256", "seed", "rb_model_dir"}
 # Speed and precision: the method is the same and the numbers may move a little; a note, not a difference.
 SPEED = ("amp", "compile", "compile_mode", "channels_last", "no_tf32", "deterministic", "monitor_tf32")
 # The differences named first, in this order; the other flags follow in the order of args.json.
@@ -437,7 +437,7 @@ def method(result):
     if not script:
         return None
     flags = {"iad": [("variant", None)], "ardir": [("combo", None)], "train_teacher": [("recipe", None)],
-             "rslad": [("inner", "rslad"), ("outer", "rslad")],
+             "rslad": [("inner", "rslad"), ("outer", "rslad")], "adaad": [("variant", "adaad")],
              "adt_aodt": [("method", None), ("reg", "none")]
              + ([("aodt_loss", "l1")] if args.get("method") == "aodt" else [])}
     words = [script] + [f"--{k.replace('_', '-')} {fmt(args[k])}" for k, default in flags.get(script, [])
