@@ -27,12 +27,14 @@ python iad.py --variant iad2 --teacher "$sat" --nat-teacher "$nat" --begin 1 "${
 python mtard.py --teacher "$sat" --nat-teacher "$nat" "${student[@]}" --runs-dir "$out/mtard" "$@"
 python ardir.py --teacher "$sat" --ir-layers layer1,layer2,layer3 "${student[@]}" --runs-dir "$out/ardir" "$@"
 python adt_aodt.py --method adt --teacher "cnn_small:$nat" "${student[@]}" --runs-dir "$out/adt" "$@"
-# AODT trains both of its models from scratch, without a teacher: 6 epochs instead of 2
+python adaad.py --teacher "$sat" "${student[@]}" --runs-dir "$out/adaad" "$@"
+# AODT and PeerAiD train both of their models from scratch, without a teacher: 6 epochs instead of 2
 python adt_aodt.py --method aodt --peer-arch cnn_small "${student[@]}" --epochs 6 --runs-dir "$out/aodt" "$@"
+python peeraid.py --peer-arch cnn_small --peer-lr 0.02 "${student[@]}" --epochs 6 --lr-milestones 4 5 --runs-dir "$out/peeraid" "$@"
 
 echo "== evaluation (clean, FGSM, PGD, CW-inf, AutoAttack fast) on 200 test images"
-preset() { case $1 in iad) echo iad;; ardir) echo ardir;; adt|aodt) echo adt;; *) echo rslad;; esac; }
-for run in rslad ard iad mtard ardir adt aodt; do
+preset() { case $1 in iad) echo iad;; ardir) echo ardir;; adt|aodt) echo adt;; adaad) echo adaad;; peeraid) echo peeraid;; *) echo rslad;; esac; }
+for run in rslad ard iad mtard ardir adaad adt aodt peeraid; do
     ckpt=best.pt; [ "$(preset $run)" = adt ] && ckpt=last.pt  # ADT/AODT report last.pt (D-ADT-8)
     python eval_attacks.py "$out"/$run/*/$ckpt --preset "$(preset $run)" --n-ex 200 --aa fast --quiet "$@"
 done
