@@ -2,7 +2,7 @@
 # The whole pipeline at smoke scale on a small CNN: a SAT and a natural teacher (train_teacher.py), a
 # student of every method distilled from them, an evaluation of each (eval_attacks.py, AutoAttack
 # "fast") and the report of our numbers next to the papers' rows (tools/report.py; a small CNN matches
-# no published row, so it lists the nearest one). 2 min 45 s on 2 idle cores (time bash smoke.sh
+# no published row, so it lists the nearest one). 3 min 55 s on 2 idle cores (time bash smoke.sh
 # --data-dir DIR --device cpu, a 3,045-image CIFAR-10 subset). Extra arguments go to every training and
 # evaluation script, e.g. --data-dir DIR or --device cpu.
 #
