@@ -1199,6 +1199,32 @@ def _unwrap(obj):
     return None, None
 
 
+def _state_dict_of(path, obj):
+    """Container key and state_dict of a loaded file (`_unwrap`); a file holding none stops the run."""
+    container, sd = _unwrap(obj)
+    if sd is None:
+        fail(f"{path} holds no state_dict (looked for a dict of tensors, or one under "
+             "'model', 'state_dict', 'net', 'student', 'last')")
+    return container, sd
+
+
+def _check_finite(path, sd):
+    """A NaN or inf weight would evaluate, or teach, as a constant without a word: refuse it."""
+    for key, tensor in sd.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            fail(f"{path}: {key} holds {'NaN' if bool(torch.isnan(tensor).any()) else 'inf'} values; the model "
+                 "is broken (a diverged run?)")
+
+
+def _load_state(model, sd, mismatch, strict=True):
+    """load_state_dict whose shape errors become one line: `mismatch`, then the first size mismatches."""
+    try:
+        model.load_state_dict(sd, strict=strict)
+    except RuntimeError as e:
+        sizes = [ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln]
+        fail(f"{mismatch}: {'; '.join(sizes[:3]) or str(e).splitlines()[0]}")
+
+
 def _strip_prefixes(sd, allow_model_prefix):
     """Strip prefixes shared by *every* key, repeatedly (docs/common.md §4 step 3); never substrings."""
     stripped = []
@@ -1254,10 +1280,7 @@ def load_model(path, arch=None, num_classes=None, norm="auto", device="cpu", uns
         if norm == "auto":
             norm = None if obj.get("norm") is None else (tuple(obj["norm"]["mean"]), tuple(obj["norm"]["std"]))
     else:
-        container, sd = _unwrap(obj)
-        if sd is None:
-            fail(f"{path} holds no state_dict (looked for a dict of tensors, or one under "
-                 "'model', 'state_dict', 'net', 'student', 'last')")
+        container, sd = _state_dict_of(path, obj)
         guessed = arch is None and default_arch is not None
         arch = arch or default_arch
         if arch is None:
@@ -1271,10 +1294,7 @@ def load_model(path, arch=None, num_classes=None, norm="auto", device="cpu", uns
             norm = "default"
     if arch not in ARCHS:
         fail(f"unknown architecture {arch!r}; choose from {', '.join(ARCHS)}")
-    for key, tensor in sd.items():  # a NaN weight would evaluate, or teach, as a constant without a word
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            fail(f"{path}: {key} holds {'NaN' if bool(torch.isnan(tensor).any()) else 'inf'} values; the model "
-                 "is broken (a diverged run?)")
+    _check_finite(path, sd)
     try:
         with torch.device("meta"):  # module names only, no memory
             skeleton = build_model(arch, 10, None, **arch_kwargs)
@@ -1297,11 +1317,7 @@ def load_model(path, arch=None, num_classes=None, norm="auto", device="cpu", uns
     if missing or unexpected:
         fail(f"{path} does not match {arch} {arch_kwargs or ''}: missing keys {missing[:10]}, "
              f"unexpected keys {unexpected[:10]}")
-    try:
-        model.load_state_dict(sd, strict=True)
-    except RuntimeError as e:
-        sizes = [ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln]
-        fail(f"{path} does not match {arch}: {'; '.join(sizes[:3]) or str(e).splitlines()[0]}")
+    _load_state(model, sd, f"{path} does not match {arch}")
     info = {"path": str(path), "suite": suite, "container": container, "prefixes": stripped, "arch": arch,
             "arch_kwargs": dict(model.arch_kwargs), "num_classes": num_classes, "norm": model.norm,
             "dataset": obj.get("dataset") if suite else None}
@@ -1526,15 +1542,8 @@ def load_robustbench(source, dataset, model_dir=None, *, unsafe=False, device="c
     path = Path(model_dir or RB_MODEL_DIR).expanduser().absolute() / bench_ds.value / threat.value / f"{name}.pt"
     if not path.is_file():
         _download_rb(utils, entry["gdrive_id"], path, what)
-    obj = load_checkpoint(path, unsafe)
-    container, sd = _unwrap(obj)
-    if sd is None:
-        fail(f"{path} holds no state_dict (looked for a dict of tensors, or one under "
-             "'model', 'state_dict', 'net', 'student', 'last')")
-    for key, tensor in sd.items():
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            fail(f"{path}: {key} holds {'NaN' if bool(torch.isnan(tensor).any()) else 'inf'} values; the model "
-                 "is broken")
+    container, sd = _state_dict_of(path, load_checkpoint(path, unsafe))
+    _check_finite(path, sd)
     net = entry["model"]()
     sd, stripped = _strip_prefixes(dict(sd), allow_model_prefix=not isinstance(getattr(net, "model", None), nn.Module))
     missing, unexpected = _key_mismatch(net, sd)
@@ -1543,14 +1552,10 @@ def load_robustbench(source, dataset, model_dir=None, *, unsafe=False, device="c
     buffers = {n for n, _ in net.named_buffers()}
     kept = [k for k in missing if k in buffers and k.rsplit(".", 1)[-1] in ("mu", "sigma", "mean", "std")]
     missing = [k for k in missing if k not in kept]
+    mismatch = f"{path} does not match the zoo architecture of {source}"
     if missing or unexpected:
-        fail(f"{path} does not match the zoo architecture of {source}: missing keys {missing[:10]}, "
-             f"unexpected keys {unexpected[:10]}")
-    try:
-        net.load_state_dict(sd, strict=not kept)
-    except RuntimeError as e:
-        sizes = [ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln]
-        fail(f"{path} does not match the zoo architecture of {source}: {'; '.join(sizes[:3]) or str(e).splitlines()[0]}")
+        fail(f"{mismatch}: missing keys {missing[:10]}, unexpected keys {unexpected[:10]}")
+    _load_state(net, sd, mismatch, strict=not kept)
     num_classes = DATASETS[dataset]
     model = RobustBenchModel(net, name, num_classes)
     info = {"path": str(path), "suite": False, "container": container, "prefixes": stripped, "arch": model.arch,

@@ -216,6 +216,30 @@ def test_pickle_files_need_unsafe_load_and_keys_must_match(tmp_path, capsys):
     assert f"does not match the zoo architecture of rb:{SMALL}" in err and "unexpected keys ['w']" in err
 
 
+@pytest.mark.parametrize("broken, message", [
+    ("nan", "holds NaN values; the model is broken"),
+    ("no_state_dict", "holds no state_dict"),
+    ("size", "size mismatch for"),
+])
+def test_a_broken_zoo_file_is_refused_in_one_line(broken, message, zoo_cache, tmp_path, capsys):
+    """The zoo file goes through the checks of every checkpoint (common._state_dict_of, _check_finite,
+    _load_state): a NaN weight, a file with no state_dict and a tensor of another shape each stop the run."""
+    sd = {k: v.clone() for k, v in zoo_cache[1].state_dict().items()}
+    key = next(k for k, v in sd.items() if k.endswith("weight") and v.dim() == 4)
+    if broken == "nan":
+        sd[key].view(-1)[0] = float("nan")
+    elif broken == "size":
+        sd[key] = torch.zeros(sd[key].shape[0] + 1, *sd[key].shape[1:])
+    write_zoo_file(tmp_path, SMALL, {"epoch": 3} if broken == "no_state_dict" else sd)
+    args = args_for(ard, "--teacher", f"rb:{SMALL}", "--rb-model-dir", str(tmp_path))
+    err = one_line_exit(capsys, common.load_teacher, args, CPU, "wrn34_10")
+    assert message in err and f"{SMALL}.pt" in err
+    if broken == "nan":
+        assert key in err
+    if broken == "size":
+        assert f"does not match the zoo architecture of rb:{SMALL}: size mismatch for {key}" in err
+
+
 @pytest.mark.parametrize("flag, value", [("--teacher-arch", "wrn34_10"), ("--teacher-norm", "cifar10"),
                                          ("--teacher-shortcut-from", "act")])
 def test_teacher_flags_that_do_not_apply_are_refused(flag, value, tmp_path, capsys):
