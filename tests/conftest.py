@@ -222,6 +222,48 @@ def check_resume_alone(script, argv, tmp_path, epochs=2, launcher=None):
     return full_dir, part_dir
 
 
+class _Stopped(Exception):
+    pass
+
+
+def check_resume_in_process(module, argv, tmp_path, epochs=2):
+    """check_resume_alone without the subprocesses (the kill itself is tested for rslad.py and train_teacher.py in
+    test_command_line): `module.main(argv --epochs N)` runs uninterrupted in one folder; the same call in a second
+    folder stops right after epoch 1's last.pt is written (an exception out of common.Run.save_last), as a kill at
+    any later moment of epoch 2 would leave it; then `module.main(["--resume", <that run>/last.pt])` alone
+    finishes it. The same end as check_resume_alone's, best.pt included. Returns the two run folders (uninterrupted, resumed)."""
+    import io
+    argv = [*map(str, argv), "--epochs", str(epochs)]
+    module.main([*argv, "--runs-dir", str(tmp_path / "full")])
+    save_last = __import__("common").Run.save_last
+
+    def stop_after_epoch_1(self, model, optimizer, record, best, **kw):
+        save_last(self, model, optimizer, record, best, **kw)
+        if record["epoch"] == 1:
+            raise _Stopped
+
+    with pytest.MonkeyPatch.context() as mp, pytest.raises(_Stopped):
+        mp.setattr(__import__("common").Run, "save_last", stop_after_epoch_1)
+        module.main([*argv, "--runs-dir", str(tmp_path / "part")])
+    (full_dir,), (part_dir,) = (list((tmp_path / d).iterdir()) for d in ("full", "part"))
+    assert torch.load(part_dir / "last.pt", weights_only=True)["epoch"] == 1
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        module.main(["--resume", str(part_dir / "last.pt")])
+    assert "after epoch 1" in out.getvalue()
+    a, b = (torch.load(d / "last.pt", weights_only=True) for d in (full_dir, part_dir))
+    assert a["epoch"] == b["epoch"] == epochs
+    for key in ("model", "peer", "extra", "rng"):
+        assert same(a.get(key), b.get(key)), key
+    assert len(a["optimizer"]["state"]) > 0 and same(a["optimizer"], b["optimizer"])
+    assert _timing_free(read_metrics(full_dir)) == _timing_free(read_metrics(part_dir))
+    assert (full_dir / "best.pt").exists() == (part_dir / "best.pt").exists()
+    if (full_dir / "best.pt").exists():
+        a, b = (torch.load(d / "best.pt", weights_only=True) for d in (full_dir, part_dir))
+        assert same(a["model"], b["model"]) and a.get("select") == b.get("select")
+    return full_dir, part_dir
+
+
 # ---------------------------------------------------------------------------------------------
 # Parsed arguments of a training script, as its tests need them
 # ---------------------------------------------------------------------------------------------

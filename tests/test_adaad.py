@@ -15,11 +15,10 @@ from conftest import (
     args_for,
     check_best_reloads,
     check_first_step,
+    check_resume_in_process,
     np_kl_terms,
     np_log_softmax,
     random_logits,
-    read_metrics,
-    same,
     setup_models,
 )
 
@@ -227,38 +226,13 @@ def test_bad_values_are_refused(argv, message, capsys):
     assert e.value.code == 2 and len(err) == 1 and message in err[0], err
 
 
-class Stop(Exception):
-    pass
-
-
-def test_resume_alone_equals_the_uninterrupted_run(cifar_dir, teacher_ckpt, tmp_path, monkeypatch):
+def test_resume_alone_equals_the_uninterrupted_run(cifar_dir, teacher_ckpt, tmp_path):
     """Stopped after epoch 1 (last.pt written), then `main(["--resume", last.pt])` alone: the same last.pt, best.pt
-    and metrics.jsonl as an uninterrupted 2-epoch run (in-process: the subprocess kill is tested for rslad, ard and
+    and metrics.jsonl as an uninterrupted 2-epoch run (in-process: the subprocess kill is tested for rslad and
     train_teacher in test_command_line)."""
     argv = ["--teacher", str(teacher_ckpt), "--arch", "cnn_small", "--train-subset", "64", "--test-subset", "32",
-            "--batch-size", "32", "--attack-steps", "2", "--lr", "0.02", "--device", "cpu", "--epochs", "2",
-            "--data-dir", str(cifar_dir)]
-    adaad.main([*argv, "--runs-dir", str(tmp_path / "full")])
-    save_last = common.Run.save_last
-
-    def stop_after_epoch_1(self, model, optimizer, record, best, **kw):
-        save_last(self, model, optimizer, record, best, **kw)
-        if record["epoch"] == 1:
-            raise Stop
-
-    monkeypatch.setattr(common.Run, "save_last", stop_after_epoch_1)
-    with pytest.raises(Stop):
-        adaad.main([*argv, "--runs-dir", str(tmp_path / "part")])
-    monkeypatch.undo()
-    (full,), (part,) = (list((tmp_path / d).iterdir()) for d in ("full", "part"))
-    adaad.main(["--resume", str(part / "last.pt")])
-    a, b = (torch.load(d / "last.pt", weights_only=True) for d in (full, part))
-    assert a["epoch"] == b["epoch"] == 2
-    for key in ("model", "optimizer", "rng"):
-        assert same(a[key], b[key]), key
-    timing = ("seconds", "images_per_s", "monitor_seconds")
-    assert [{k: v for k, v in r.items() if k not in timing} for r in read_metrics(full)] == \
-        [{k: v for k, v in r.items() if k not in timing} for r in read_metrics(part)]
+            "--batch-size", "32", "--attack-steps", "2", "--lr", "0.02", "--device", "cpu", "--data-dir", str(cifar_dir)]
+    full, part = check_resume_in_process(adaad, argv, tmp_path)
     saved = json.loads((full / "args.json").read_text())
     assert (saved["variant"], saved["teacher_arch"], saved["monitor_attack"]["start"]) == ("adaad", "cnn_small",
                                                                                           "uniform-clamp")

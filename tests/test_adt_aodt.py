@@ -16,7 +16,7 @@ from conftest import (
     args_for,
     check_best_reloads,
     check_first_step,
-    check_resume_alone,
+    check_resume_in_process,
     np_log_softmax,
     random_logits,
     read_metrics,
@@ -388,7 +388,7 @@ def test_smoke_aodt_trades_checkpoint_holds_both_and_eval_reads_the_robust_model
 
 def test_aodt_resume_alone_equals_the_uninterrupted_run(cifar_dir, tmp_path):
     argv = ["--method", "aodt", "--reg", "alp", "--peer-arch", "cnn_small", *TINY, "--data-dir", cifar_dir]
-    full, part = check_resume_alone("adt_aodt.py", argv, tmp_path)
+    full, part = check_resume_in_process(adt_aodt, argv, tmp_path)
     assert torch.load(part / "last.pt", weights_only=True)["peer_arch"] == "cnn_small"
 
 

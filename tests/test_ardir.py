@@ -15,7 +15,7 @@ from conftest import (
     args_for,
     check_best_reloads,
     check_first_step,
-    check_resume_alone,
+    check_resume_in_process,
     np_kl_terms,
     np_log_softmax,
     random_logits,
@@ -408,8 +408,8 @@ def test_svhn_and_cifar100_runs(dataset, svhn_dir, cifar100_dir, tmp_path):
     assert read_metrics(run)[-1]["epoch"] == 1
 
 
-def test_resume_alone_after_a_kill_equals_the_uninterrupted_run(cifar_dir, teacher_ckpt, tmp_path):
-    full, part = check_resume_alone("ardir.py", ["--teacher", teacher_ckpt, "--combo", "RA", *TINY,
+def test_resume_alone_equals_the_uninterrupted_run(cifar_dir, teacher_ckpt, tmp_path):
+    full, part = check_resume_in_process(ardir, ["--teacher", teacher_ckpt, "--combo", "RA", *TINY,
                                                  "--data-dir", cifar_dir], tmp_path)
     saved = json.loads((part / "args.json").read_text())
     assert saved["combo"] == "RA" and saved["resumes"][0]["changed"] == {}

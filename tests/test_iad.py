@@ -16,7 +16,7 @@ from conftest import (
     args_for,
     check_best_reloads,
     check_first_step,
-    check_resume_alone,
+    check_resume_in_process,
     np_log_softmax,
     random_logits,
     read_metrics,
@@ -377,8 +377,8 @@ def test_smoke_subprocess_and_best_reload(variant, cifar_dir, teacher_ckpt, nat_
                               "epoch": best["epoch"]}
 
 
-def test_resume_alone_after_a_kill_equals_the_uninterrupted_run(cifar_dir, teacher_ckpt, nat_teacher_ckpt, tmp_path):
+def test_resume_alone_equals_the_uninterrupted_run(cifar_dir, teacher_ckpt, nat_teacher_ckpt, tmp_path):
     """iad2 with --begin 1: the resumed epochs cross the warm-up boundary, and both teacher paths come back."""
-    full, part = check_resume_alone("iad.py", variant_argv("iad2", teacher_ckpt, nat_teacher_ckpt, cifar_dir), tmp_path)
+    full, part = check_resume_in_process(iad, variant_argv("iad2", teacher_ckpt, nat_teacher_ckpt, cifar_dir), tmp_path)
     saved = json.loads((part / "args.json").read_text())
     assert saved["nat_teacher"] == str(nat_teacher_ckpt) and saved["begin"] == 1 and saved["resumes"][0]["changed"] == {}

@@ -15,7 +15,7 @@ from conftest import (
     args_for,
     check_best_reloads,
     check_first_step,
-    check_resume_alone,
+    check_resume_in_process,
     np_log_softmax,
     random_logits,
     read_metrics,
@@ -282,9 +282,11 @@ def test_smoke_subprocess_and_best_reload(cifar_dir, teacher_ckpt, nat_ckpt, tmp
 
 
 def test_resume_alone_continues_the_anl_exactly(cifar_dir, teacher_ckpt, nat_ckpt, tmp_path):
+    """Stopped after epoch 1 of 3 and resumed with --resume alone: the ANL weights and their reference losses
+    (last.pt's extra) come back exactly, so epochs 2 and 3 equal the uninterrupted run's."""
     argv = ["--teacher", teacher_ckpt, "--nat-teacher", nat_ckpt, *TINY, "--eval-every", "2",
             "--data-dir", cifar_dir]
-    full, _ = check_resume_alone("mtard.py", argv, tmp_path, epochs=3)
+    full, _ = check_resume_in_process(mtard, argv, tmp_path, epochs=3)
     extra = torch.load(full / "last.pt", weights_only=True)["extra"]
     assert set(extra) == {"w_adv", "w_nat", "L_adv0", "L_nat0", "r_w"}
     assert all(extra[k].dtype == torch.float64 for k in ("w_adv", "w_nat", "L_adv0", "L_nat0"))
