@@ -8,6 +8,7 @@ import inspect
 import json
 import os
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -45,7 +46,7 @@ def student_args(script, teacher, data):
 # ---------------------------------------------------------------------------------------------
 
 # rslad.py and train_teacher.py stand for the students and the teachers (ard.py's main() has rslad's form; the other
-# method files test their own resume in-process or with this kill)
+# method files test their own resume in-process: conftest.check_resume_in_process)
 @pytest.mark.parametrize("script", ["rslad.py", "train_teacher.py"])
 def test_resume_alone_after_a_kill_equals_the_uninterrupted_run(script, cifar_dir, teacher_ckpt, tmp_path):
     extra = ["--eval-every", "1"] if script == "rslad.py" else []
@@ -55,14 +56,21 @@ def test_resume_alone_after_a_kill_equals_the_uninterrupted_run(script, cifar_di
     assert len(saved["resumes"]) == 1 and saved["resumes"][0]["changed"] == {}
 
 
-@pytest.fixture()
-def finished_run(cifar_dir, teacher_ckpt, tmp_path):
-    """A 1-epoch RSLAD run saved with --lr 0.05 (not the default 0.1)."""
+@pytest.fixture(scope="module")
+def finished_run_once(cifar_dir, teacher_ckpt, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("finished_run")
     proc = run_script(ROOT / "rslad.py", "--teacher", teacher_ckpt, *TINY, "--lr", "0.05", "--epochs", "1",
-                      "--data-dir", cifar_dir, "--runs-dir", tmp_path / "runs", cwd=tmp_path)
+                      "--data-dir", cifar_dir, "--runs-dir", tmp / "runs", cwd=tmp)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    (run,) = (tmp_path / "runs").iterdir()
+    (run,) = (tmp / "runs").iterdir()
     return run
+
+
+@pytest.fixture()
+def finished_run(finished_run_once, tmp_path):
+    """A 1-epoch RSLAD run saved with --lr 0.05 (not the default 0.1): the module's one run, copied into this
+    test's folder (a run resumes in the folder of its last.pt)."""
+    return Path(shutil.copytree(finished_run_once, tmp_path / "runs" / finished_run_once.name))
 
 
 def test_resume_reads_typed_flags_from_argv(finished_run, tmp_path):
