@@ -237,6 +237,7 @@ def test_dry_path_autoattack_matches_the_official_code(dry):
     _, report = dry
     d = report["checks"]["autoattack"]["details"]
     assert d["points"] == 16 and d["tolerance_points"] == 0 and d["flags_differ"] == 0 and d["differing_points"] == []
+    assert d["square_queries"] == 500 and gpu_check.SIZES[False]["aa_square_queries"] == 5000  # "standard" off --tiny
     assert d["ours_robust"] == d["official_robust"]
     cum = d["ours_cumulative"]
     assert list(cum) == ["clean", "apgd-ce", "apgd-t", "fab-t", "square"]

@@ -46,7 +46,8 @@ Checks, in this order:
               written by a world of 2. With one GPU: skipped.
 
 --tiny (with --device cpu: the dry path CI runs, tests/test_gpu_check.py) runs the same code with cnn_small
-models, batch 8, one attack step, 2 steps instead of 20, bench on cnn_small, AutoAttack on 16 points. On
+models, batch 8, one attack step, 2 steps instead of 20, bench on cnn_small, AutoAttack on 16 points with
+Square's budget at 500 queries (5000 in "standard", as the full check runs it). On
 the CPU check 1 compares the CPU with itself (every difference 0), torch.compile uses common.COMPILE_BACKEND
 = "aot_eager" (so reduce-overhead records no CUDA graph; the JSON says so), one CPU thread, and ddp is
 skipped.
@@ -109,9 +110,9 @@ TOL = {"terms_rtol": 1e-3, "terms_atol": 1e-6, "update_rtol": 1e-2, "buffers_rto
 AA_EPS = 1 / 255
 SIZES = {  # full: small-but-real; tiny: the CPU dry path
     False: dict(batch=32, attack_steps=3, steps=20, bench_batch=128, bench_steps=10, bench_warmup=3,
-                monitor_batch=128, monitor_batches=4, aa_points=500, aa_bs=250),
+                monitor_batch=128, monitor_batches=4, aa_points=500, aa_bs=250, aa_square_queries=5000),
     True: dict(batch=8, attack_steps=1, steps=2, bench_batch=8, bench_steps=2, bench_warmup=1,
-               monitor_batch=8, monitor_batches=2, aa_points=16, aa_bs=8),
+               monitor_batch=8, monitor_batches=2, aa_points=16, aa_bs=8, aa_square_queries=500),
 }
 # full mode: seconds each check is expected to need on one H100/H200, left free for it by the checks before
 # (scaled down with a --budget-seconds under 450); NEED: the least time left for one more item of a check to start
@@ -647,7 +648,7 @@ def check_autoattack(ctx, details):
         details["reason"] = str(e)
         return "skip", f"pyautoattack is not importable ({e}); pip install pyautoattack", ""
     import eval_attacks
-    n, bs = ctx.sizes["aa_points"], ctx.sizes["aa_bs"]
+    n, bs, queries = ctx.sizes["aa_points"], ctx.sizes["aa_bs"], ctx.sizes["aa_square_queries"]
     set_tf32(False)
     torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
     torch.manual_seed(0)
@@ -655,15 +656,18 @@ def check_autoattack(ctx, details):
     x, y, source = aa_points(ctx, model, n)
     tol = 0 if ctx.device.type == "cpu" else n // 100
     details.update(model="cnn_small (random, seed 0)", points=len(y), source=source, labels="model predictions",
-                   eps=AA_EPS, bs=bs, seed=0, version="standard", tolerance_points=tol, cudnn_deterministic=True)
+                   eps=AA_EPS, bs=bs, seed=0, version="standard", square_queries=queries, tolerance_points=tol,
+                   cudnn_deterministic=True)
     sync = torch.cuda.synchronize if ctx.device.type == "cuda" else (lambda: None)
     start = time.perf_counter()
-    ours = eval_attacks.autoattack(model, x, y, AA_EPS, version="standard", bs=bs, seed=0, device=ctx.device)
+    ours = eval_attacks.autoattack(model, x, y, AA_EPS, version="standard", bs=bs, seed=0, device=ctx.device,
+                                   square_queries=queries)
     sync()
     details["ours_seconds"] = time.perf_counter() - start
     details["ours_cumulative"] = ours["cumulative"]
     log(ctx, f"autoattack  eval_attacks: robust {ours['robust'].float().mean().item():.2%}")
     adversary = AutoAttack(model, norm="Linf", eps=AA_EPS, version="standard", seed=0, device=ctx.device)
+    adversary.square.n_queries = queries  # 5000 as "standard" sets it; the CPU dry path (--tiny) takes 500
     start = time.perf_counter()
     _, y_adv = adversary.run_standard_evaluation(x, y, batch_size=bs)
     sync()
