@@ -1,10 +1,8 @@
 """Started by tests/test_distributed.py under `torchrun --standalone --nproc_per_node 2`, on CPU with gloo:
 two RSLAD steps through common.prepare_student (DDP, BatchNorm per rank unless --sync-bn), every rank's
 parameters gathered after each step, each rank's slices of the loader's global batches, and the
-monitor of a fixed model. Rank 0 writes everything to <first argument>/<mode>.pt for each mode of the JSON
-object {mode: [flags]} in the last argument (one launch for every mode: torchrun's start is most of the time)."""
+monitor of a fixed model. Rank 0 writes everything to the file named by the first argument."""
 
-import json
 import sys
 from pathlib import Path
 
@@ -48,6 +46,4 @@ def main(out_path, data_dir, teacher_path, *flags):
 
 
 if __name__ == "__main__":
-    out_dir, data_dir, teacher_path, modes = sys.argv[1:]
-    for mode, flags in json.loads(modes).items():
-        main(str(Path(out_dir) / f"{mode}.pt"), data_dir, teacher_path, *flags)
+    main(*sys.argv[1:])

@@ -26,9 +26,11 @@ def torchrun(*argv, tmp_path):
 def workers(cifar_dir, teacher_ckpt, tmp_path_factory):
     """The worker's results with BatchNorm per rank and with --sync-bn."""
     tmp = tmp_path_factory.mktemp("ddp")
-    modes = {"per-rank": [], "sync": ["--sync-bn"], "sync-sum": ["--sync-bn", "--kl-reduction", "sum"]}
-    torchrun(ROOT / "tests" / "ddp_worker.py", tmp, cifar_dir, teacher_ckpt, json.dumps(modes), tmp_path=tmp)
-    return {mode: torch.load(tmp / f"{mode}.pt", weights_only=True) for mode in modes}
+    out = {}
+    for mode, flags in (("per-rank", []), ("sync", ["--sync-bn"]), ("sync-sum", ["--sync-bn", "--kl-reduction", "sum"])):
+        torchrun(ROOT / "tests" / "ddp_worker.py", tmp / f"{mode}.pt", cifar_dir, teacher_ckpt, *flags, tmp_path=tmp)
+        out[mode] = torch.load(tmp / f"{mode}.pt", weights_only=True)
+    return out
 
 
 def single_process(cifar_dir, teacher_ckpt, *flags):
