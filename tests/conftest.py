@@ -14,6 +14,7 @@ import torch.nn as nn
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+import common  # noqa: E402
 
 N_TRAIN_PER_FILE = 64  # 5 files -> 320 training images
 N_TEST = 128
@@ -213,50 +214,57 @@ def check_resume_alone(script, argv, tmp_path, epochs=2, launcher=None):
                              capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"after epoch {killed_at}" in resumed.stdout
+    assert_same_end(full_dir, part_dir, epochs)
+    return full_dir, part_dir
+
+
+def assert_same_end(full_dir, part_dir, epochs, keys=("model", "peer", "extra")):
+    """An uninterrupted run and a resumed one ended equal: last.pt's epoch, `keys` and optimizer state, and
+    metrics.jsonl except timings."""
     a, b = (torch.load(d / "last.pt", weights_only=True) for d in (full_dir, part_dir))
     assert a["epoch"] == b["epoch"] == epochs
-    for key in ("model", "peer", "extra"):
+    for key in keys:
         assert same(a.get(key), b.get(key)), key
     assert len(a["optimizer"]["state"]) > 0 and same(a["optimizer"], b["optimizer"])
     assert _timing_free(read_metrics(full_dir)) == _timing_free(read_metrics(part_dir))
-    return full_dir, part_dir
 
 
 class _Stopped(Exception):
     pass
 
 
-def check_resume_in_process(module, argv, tmp_path, epochs=2):
-    """check_resume_alone without the subprocesses (the kill itself is tested for rslad.py and train_teacher.py in
-    test_command_line): `module.main(argv --epochs N)` runs uninterrupted in one folder; the same call in a second
-    folder stops right after epoch 1's last.pt is written (an exception out of common.Run.save_last), as a kill at
-    any later moment of epoch 2 would leave it; then `module.main(["--resume", <that run>/last.pt])` alone
-    finishes it. The same end as check_resume_alone's, best.pt included. Returns the two run folders (uninterrupted, resumed)."""
-    import io
-    argv = [*map(str, argv), "--epochs", str(epochs)]
-    module.main([*argv, "--runs-dir", str(tmp_path / "full")])
-    save_last = __import__("common").Run.save_last
+def run_stopped_after(module, argv, epoch):
+    """`module.main(argv)` stopped right after epoch `epoch`'s last.pt is written (an exception out of
+    common.Run.save_last): the state a kill at any later moment of the next epoch would leave."""
+    save_last = common.Run.save_last
 
-    def stop_after_epoch_1(self, model, optimizer, record, best, **kw):
+    def stop(self, model, optimizer, record, best, **kw):
         save_last(self, model, optimizer, record, best, **kw)
-        if record["epoch"] == 1:
+        if record["epoch"] == epoch:
             raise _Stopped
 
     with pytest.MonkeyPatch.context() as mp, pytest.raises(_Stopped):
-        mp.setattr(__import__("common").Run, "save_last", stop_after_epoch_1)
-        module.main([*argv, "--runs-dir", str(tmp_path / "part")])
+        mp.setattr(common.Run, "save_last", stop)
+        module.main(argv)
+
+
+def check_resume_in_process(module, argv, tmp_path, epochs=2):
+    """check_resume_alone without the subprocesses (the kill itself is tested for rslad.py and train_teacher.py
+    in test_command_line): `module.main(argv --epochs N)` runs uninterrupted in one folder; the same call in a
+    second folder stops after epoch 1 (run_stopped_after); then `module.main(["--resume", <that run>/last.pt])`
+    alone finishes it. The same end as check_resume_alone's, plus the generator states and best.pt.
+    Returns the two run folders (uninterrupted, resumed)."""
+    import io
+    argv = [*map(str, argv), "--epochs", str(epochs)]
+    module.main([*argv, "--runs-dir", str(tmp_path / "full")])
+    run_stopped_after(module, [*argv, "--runs-dir", str(tmp_path / "part")], 1)
     (full_dir,), (part_dir,) = (list((tmp_path / d).iterdir()) for d in ("full", "part"))
     assert torch.load(part_dir / "last.pt", weights_only=True)["epoch"] == 1
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         module.main(["--resume", str(part_dir / "last.pt")])
     assert "after epoch 1" in out.getvalue()
-    a, b = (torch.load(d / "last.pt", weights_only=True) for d in (full_dir, part_dir))
-    assert a["epoch"] == b["epoch"] == epochs
-    for key in ("model", "peer", "extra", "rng"):
-        assert same(a.get(key), b.get(key)), key
-    assert len(a["optimizer"]["state"]) > 0 and same(a["optimizer"], b["optimizer"])
-    assert _timing_free(read_metrics(full_dir)) == _timing_free(read_metrics(part_dir))
+    assert_same_end(full_dir, part_dir, epochs, keys=("model", "peer", "extra", "rng"))
     assert (full_dir / "best.pt").exists() == (part_dir / "best.pt").exists()
     if (full_dir / "best.pt").exists():
         a, b = (torch.load(d / "best.pt", weights_only=True) for d in (full_dir, part_dir))

@@ -14,7 +14,18 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from conftest import ROOT, args_for, np_kl_terms, np_log_softmax, random_logits, read_metrics, same, setup_models
+from conftest import (
+    ROOT,
+    args_for,
+    assert_same_end,
+    np_kl_terms,
+    np_log_softmax,
+    random_logits,
+    read_metrics,
+    run_stopped_after,
+    same,
+    setup_models,
+)
 
 import common
 import peeraid
@@ -285,14 +296,6 @@ def test_bn_update_is_the_cumulative_average_over_one_pass():
 # Runs: exact resume, SWA from the first milestone, best.pt, the smoke run
 # ---------------------------------------------------------------------------------------------
 
-def timing_free(records):
-    return [{k: v for k, v in r.items() if "seconds" not in k and k != "images_per_s"} for r in records]
-
-
-class Stop(Exception):
-    pass
-
-
 def swa_argv(cifar_dir):
     return [*TINY, "--epochs", "3", "--lr-milestones", "1", "2", "--data-dir", str(cifar_dir)]
 
@@ -306,29 +309,15 @@ def full_run(one_thread, cifar_dir, tmp_path_factory):
     return run
 
 
-def test_resume_alone_equals_the_uninterrupted_run_and_swa_averages_epochs_2_and_3(full_run, cifar_dir, tmp_path,
-                                                                                   monkeypatch):
+def test_resume_alone_equals_the_uninterrupted_run_and_swa_averages_epochs_2_and_3(full_run, cifar_dir, tmp_path):
     argv = swa_argv(cifar_dir)
-    save_last = common.Run.save_last
-
-    def stop_after_epoch_2(self, model, optimizer, record, best, **kw):
-        save_last(self, model, optimizer, record, best, **kw)
-        if record["epoch"] == 2:
-            raise Stop
-
-    monkeypatch.setattr(common.Run, "save_last", stop_after_epoch_2)
-    with pytest.raises(Stop):
-        peeraid.main([*argv, "--runs-dir", str(tmp_path / "part")])
-    monkeypatch.undo()
+    run_stopped_after(peeraid, [*argv, "--runs-dir", str(tmp_path / "part")], 2)
     full, (part,) = full_run, list((tmp_path / "part").iterdir())
     at2 = torch.load(part / "last.pt", weights_only=True)
     assert at2["epoch"] == 2 and at2["extra"]["swa_n"] == 1
     peeraid.main(["--resume", str(part / "last.pt")])
-    a, b = (torch.load(d / "last.pt", weights_only=True) for d in (full, part))
-    assert a["epoch"] == b["epoch"] == 3
-    for key in ("model", "peer", "extra", "optimizer", "rng"):
-        assert same(a[key], b[key]), key
-    assert timing_free(read_metrics(full)) == timing_free(read_metrics(part))
+    assert_same_end(full, part, 3, keys=("model", "peer", "extra", "rng"))
+    a = torch.load(full / "last.pt", weights_only=True)
     best_full, best_part = (torch.load(d / "best.pt", weights_only=True) for d in (full, part))
     assert same(best_full["model"], best_part["model"]) and best_full["select"] == best_part["select"]
 

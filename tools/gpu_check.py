@@ -47,10 +47,9 @@ Checks, in this order:
 
 --tiny (with --device cpu: the dry path CI runs, tests/test_gpu_check.py) runs the same code with cnn_small
 models, batch 8, one attack step, 2 steps instead of 20, bench on cnn_small, AutoAttack on 16 points with
-Square's budget at 500 queries (5000 in "standard", as the full check runs it). On
-the CPU check 1 compares the CPU with itself (every difference 0), torch.compile uses common.COMPILE_BACKEND
-= "aot_eager" (so reduce-overhead records no CUDA graph; the JSON says so), one CPU thread, and ddp is
-skipped.
+Square's budget at 500 queries (5000 in "standard", as the full check runs it). On the CPU check 1 compares
+the CPU with itself (every difference 0), torch.compile uses common.COMPILE_BACKEND = "aot_eager" (so
+reduce-overhead records no CUDA graph; the JSON says so), one CPU thread, and ddp is skipped.
 """
 
 import argparse
